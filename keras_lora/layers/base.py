@@ -1,0 +1,477 @@
+"""LoraLayer: the wrapper mechanics every LoRA layer type shares."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import keras
+from keras import ops
+
+from keras_lora.layers.adapter import LoraAdapter
+from keras_lora.tracking import unlocked_state
+
+
+class LoraLayer(keras.layers.Wrapper):
+    """Adds low-rank adapters to a frozen Keras layer.
+
+    `outputs = activation(layer(x) + sum(scale * B(A(dropout(x)))))` over the
+    active adapters, where `layer(x)` is the wrapped layer without its
+    activation and `scale = alpha / rank` (`alpha / sqrt(rank)` with rsLoRA).
+    The adapter path is always computed factorised; the full-size update is only
+    formed by `merge()`, which folds it into the base weights.
+
+    Subclasses name the Keras class they adapt in `base_class` and implement
+    three hooks: `factor_shapes(rank)`, `adapter_output(x, lora_a, lora_b)` and
+    `delta(lora_a, lora_b)`; this class does the rest.
+
+    Args:
+        layer: the Keras layer to adapt, built or not. It is frozen.
+        rank: rank of the first adapter.
+        alpha: scaling numerator of the first adapter; `None` means `rank`.
+        dropout: dropout rate on the adapter input, in `[0, 1)`, training only.
+        use_rslora: scale by `alpha / sqrt(rank)` (rank-stabilised LoRA).
+        init: `"default"` (peft's `init_lora_weights=True`), `"gaussian"`, or
+            `False` (both factors random, for tests).
+        adapter_name: name of the first adapter.
+        **kwargs: base layer arguments such as `name`.
+
+    Call arguments:
+        inputs: the wrapped layer's inputs.
+        training: Python bool; dropout runs only in training. Training a
+            merged layer raises `ValueError`: unmerge it first.
+
+    Reference:
+        Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
+        arXiv 2106.09685.
+    """
+
+    base_class: type[keras.layers.Layer] = keras.layers.Layer
+    zero_factor = "b"
+
+    def __init__(
+        self,
+        layer: keras.layers.Layer,
+        rank: int = 8,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str | bool = "default",
+        adapter_name: str = "default",
+        **kwargs,
+    ):
+        self._check_layer(layer)
+        kwargs.setdefault("dtype", _unquantized_policy(layer.dtype_policy))
+        super().__init__(layer, **kwargs)
+        self.layer.trainable = False
+        self.supports_masking = layer.supports_masking
+        self._adapters = {}
+        self._active_adapters = []
+        self._merged_adapters = []
+        self._adapters_enabled = True
+        self.add_adapter(adapter_name, rank, alpha, dropout, use_rslora, init)
+        self._activate([adapter_name])
+        if layer.built:
+            self.build(layer.get_build_config()["input_shape"])
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        for adapter in self._adapters.values():
+            if not adapter.built:
+                self._create_factors(adapter)
+
+    def call(self, inputs, training=None):
+        if self._merged_adapters:
+            if training:
+                raise ValueError(
+                    f"Layer '{self.name}' has merged adapters "
+                    f"{self._merged_adapters} and cannot be trained: the "
+                    "adapters would get no gradient. Call `unmerge()` before "
+                    f"training. Received: training={training}"
+                )
+            return self.layer(inputs, training=training)
+        if not self._adapters_enabled:
+            return self.layer(inputs, training=training)
+        with _without_activation(self.layer) as activation:
+            outputs = self.layer(inputs, training=training)
+        for name in self._active_adapters:
+            adapter = self._adapters[name]
+            x = adapter.apply_dropout(inputs, training=training)
+            update = self.adapter_output(
+                x,
+                ops.cast(adapter.lora_a, self.compute_dtype),
+                ops.cast(adapter.lora_b, self.compute_dtype),
+            )
+            outputs = ops.add(outputs, ops.cast(update * adapter.scale, outputs.dtype))
+        return activation(outputs) if activation is not None else outputs
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def compute_mask(self, inputs, mask=None):
+        return self.layer.compute_mask(inputs, mask)
+
+    @property
+    def lora_a(self) -> keras.Variable:
+        """The `lora_a` variable of the (first) active adapter."""
+        return self._adapters[self.active_adapter].lora_a
+
+    @property
+    def lora_b(self) -> keras.Variable:
+        """The `lora_b` variable of the (first) active adapter."""
+        return self._adapters[self.active_adapter].lora_b
+
+    @property
+    def adapters(self) -> dict[str, LoraAdapter]:
+        """A new dict of adapter name to `LoraAdapter`, in creation order."""
+        return dict(self._adapters)
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """Names of every adapter, in creation order."""
+        return tuple(self._adapters)
+
+    @property
+    def active_adapter(self) -> str:
+        """Name of the (first) active adapter."""
+        return self._active_adapters[0]
+
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        """Names of the active adapters; their outputs are summed."""
+        return tuple(self._active_adapters)
+
+    @property
+    def merged(self) -> bool:
+        """Whether adapters are folded into the base weights."""
+        return bool(self._merged_adapters)
+
+    @property
+    def merged_adapters(self) -> tuple[str, ...]:
+        """Names of the adapters folded into the base weights."""
+        return tuple(self._merged_adapters)
+
+    @property
+    def adapters_enabled(self) -> bool:
+        """False between `disable_adapters()` and `enable_adapters()`."""
+        return self._adapters_enabled
+
+    def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
+        """Folds `scale * delta` of adapters into the base kernel, in place.
+
+        A merged layer's call is the base layer's call.
+
+        Args:
+            adapter_names: adapters to merge; `None` means the active ones.
+            safe: check the merged kernel is finite before writing it.
+
+        Raises:
+            ValueError: if already merged, a name is unknown, the adapters are
+                disabled, or (`safe=True`) the merged kernel is not finite.
+        """
+        names = self._check_names(
+            "adapter_names",
+            self._active_adapters if adapter_names is None else adapter_names,
+        )
+        if self._merged_adapters:
+            raise ValueError(
+                f"Layer '{self.name}' is already merged (adapters "
+                f"{self._merged_adapters}). Call `unmerge()` first."
+            )
+        if not self._adapters_enabled:
+            raise ValueError(
+                f"Layer '{self.name}' has its adapters disabled; call "
+                "`enable_adapters()` before merging."
+            )
+        self._check_mergeable()
+        kernel = self.kernel_variable
+        merged = ops.cast(kernel, "float32")
+        for name in names:
+            merged = merged + self._scaled_delta(name)
+        if safe and not bool(ops.all(ops.isfinite(merged))):
+            raise ValueError(
+                f"Merging adapters {names} into layer '{self.name}' gives "
+                "non-finite weights; nothing was merged."
+            )
+        kernel.assign(ops.cast(merged, kernel.dtype))
+        self._merged_adapters = list(names)
+
+    def unmerge(self) -> None:
+        """Subtracts the merged adapters from the base kernel.
+
+        Raises:
+            ValueError: if the layer is not merged.
+        """
+        if not self._merged_adapters:
+            raise ValueError(
+                f"Layer '{self.name}' is not merged; there is nothing to unmerge."
+            )
+        kernel = self.kernel_variable
+        restored = ops.cast(kernel, "float32")
+        for name in reversed(self._merged_adapters):
+            restored = restored - self._scaled_delta(name)
+        kernel.assign(ops.cast(restored, kernel.dtype))
+        self._merged_adapters = []
+
+    def get_delta_weight(self, adapter_name: str | None = None):
+        """Returns `scale * delta` of one adapter, in the base kernel's layout.
+
+        Args:
+            adapter_name: the adapter; `None` means the active one.
+
+        Returns:
+            A float32 tensor shaped like the base kernel.
+        """
+        name = self.active_adapter if adapter_name is None else adapter_name
+        self._check_names("adapter_name", [name])
+        return self._scaled_delta(name)
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        rank: int = 8,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str | bool = "default",
+    ) -> None:
+        """Adds a new adapter with its own settings; it is inactive (and not
+        trainable) until `set_adapter` names it.
+
+        Args:
+            adapter_name: a new name.
+            rank, alpha, dropout, use_rslora, init: as in the constructor.
+
+        Raises:
+            ValueError: if the name exists or a setting is invalid.
+        """
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(
+                "`adapter_name` must be a non-empty string. "
+                f"Received: adapter_name={adapter_name!r}"
+            )
+        if adapter_name in self._adapters:
+            raise ValueError(
+                f"Layer '{self.name}' already has an adapter named "
+                f"'{adapter_name}'; pick another name or delete it first. "
+                f"Received: adapter_name={adapter_name!r}"
+            )
+        self.check_rank(rank)
+        adapter = LoraAdapter(
+            rank, alpha, dropout, use_rslora, init, name=adapter_name, dtype="float32"
+        )
+        adapter.trainable = False
+        with unlocked_state(self):
+            if self.built:
+                # Later adapters get the wrapper's variable path, as the first.
+                with keras.name_scope(self.path or self.name):
+                    self._create_factors(adapter)
+            self._adapters[adapter_name] = adapter
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Makes the named adapter(s) active and trainable, the others inactive
+        and frozen; the outputs of several active adapters are summed.
+
+        Args:
+            adapter_names: a name, or a list of names.
+
+        Raises:
+            ValueError: if a name is unknown or the layer is merged.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        names = self._check_names("adapter_names", names)
+        self._check_not_merged("set_adapter")
+        self._activate(names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Deletes an adapter; if it was active, the first remaining one is.
+
+        Args:
+            adapter_name: the adapter to delete.
+
+        Raises:
+            ValueError: if the name is unknown, it is the last adapter, or the
+                layer is merged.
+        """
+        self._check_names("adapter_name", [adapter_name])
+        if len(self._adapters) == 1:
+            raise ValueError(
+                f"Cannot delete '{adapter_name}': it is the last adapter of layer "
+                f"'{self.name}'. Use `keras_lora.unload` to drop LoRA entirely."
+            )
+        self._check_not_merged("delete_adapter")
+        with unlocked_state(self):
+            self._adapters.pop(adapter_name)
+        active = [name for name in self._active_adapters if name != adapter_name]
+        self._activate(active or [next(iter(self._adapters))])
+
+    def disable_adapters(self) -> None:
+        """Makes the layer compute the base output only, until re-enabled.
+
+        Raises:
+            ValueError: if the layer is merged.
+        """
+        self._check_not_merged("disable_adapters")
+        self._adapters_enabled = False
+
+    def enable_adapters(self) -> None:
+        """Undoes `disable_adapters()`."""
+        self._adapters_enabled = True
+
+    @property
+    def kernel_variable(self) -> keras.Variable:
+        """The base variable `merge()` writes: the wrapped layer's kernel."""
+        return self.layer.kernel
+
+    def check_rank(self, rank: int) -> None:
+        """Hook: refuses a rank this layer type cannot use (e.g. conv groups)."""
+
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Hook: the shapes of `lora_a` and `lora_b` for a built base layer."""
+        raise NotImplementedError
+
+    def adapter_output(self, x, lora_a, lora_b):
+        """Hook: the unscaled adapter output, computed factorised."""
+        raise NotImplementedError
+
+    def delta(self, lora_a, lora_b):
+        """Hook: the unscaled full-size update in the base kernel's layout."""
+        raise NotImplementedError
+
+    def get_config(self):
+        base_config = super().get_config()
+        config = {
+            "adapters": {
+                name: adapter.settings() for name, adapter in self._adapters.items()
+            },
+            "active_adapters": list(self._active_adapters),
+            "merged_adapters": list(self._merged_adapters),
+            "adapters_enabled": self._adapters_enabled,
+        }
+        return {**base_config, **config}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(
+            config.pop("layer"), custom_objects=custom_objects
+        )
+        adapters = config.pop("adapters")
+        active = config.pop("active_adapters")
+        merged = config.pop("merged_adapters")
+        enabled = config.pop("adapters_enabled")
+        (first, first_settings), *others = adapters.items()
+        wrapper = cls(layer, adapter_name=first, **first_settings, **config)
+        for name, settings in others:
+            wrapper.add_adapter(name, **settings)
+        wrapper.set_adapter(active)
+        # The saved base kernel already holds the merged update.
+        wrapper._merged_adapters = list(merged)
+        wrapper._adapters_enabled = enabled
+        return wrapper
+
+    def _check_layer(self, layer) -> None:
+        if not isinstance(layer, keras.layers.Layer):
+            raise TypeError(
+                f"`layer` must be a keras.layers.{self.base_class.__name__}. "
+                f"Received: layer={layer!r} of type {type(layer).__name__}"
+            )
+        if isinstance(layer, LoraLayer):
+            raise ValueError(
+                f"Layer '{layer.name}' is already a {type(layer).__name__}; add "
+                "another adapter with `add_adapter()` instead of wrapping it "
+                f"again. Received: layer={layer.name}"
+            )
+        if not isinstance(layer, self.base_class):
+            raise TypeError(
+                f"{type(self).__name__} wraps keras.layers."
+                f"{self.base_class.__name__} layers. Received: layer={layer.name} "
+                f"of type {type(layer).__name__}"
+            )
+        if getattr(layer, "lora_enabled", False):
+            raise ValueError(
+                f"Layer '{layer.name}' has Keras' built-in LoRA enabled "
+                "(`enable_lora`); use one or the other, not both. "
+                f"Received: layer={layer.name}"
+            )
+        expected = inspect.signature(self.base_class.call).parameters
+        actual = inspect.signature(type(layer).call).parameters
+        if list(actual) != list(expected):
+            raise TypeError(
+                f"{type(self).__name__} cannot wrap '{layer.name}': its class "
+                f"{type(layer).__name__} changes the call signature of "
+                f"keras.layers.{self.base_class.__name__} (expected "
+                f"call{tuple(expected)}, got call{tuple(actual)}), so the adapter "
+                "would not apply to every mode it has. Register a wrapper for it "
+                "with `keras_lora.register_wrapper`."
+            )
+
+    def _activate(self, names: list[str]) -> None:
+        # As in peft, only active adapters train.
+        self._active_adapters = list(names)
+        for name, adapter in self._adapters.items():
+            adapter.trainable = name in self._active_adapters
+
+    def _check_names(self, argument: str, names) -> list[str]:
+        names = list(names)
+        unknown = [name for name in names if name not in self._adapters]
+        if unknown or not names:
+            raise ValueError(
+                f"`{argument}` must name adapters of layer '{self.name}': "
+                f"{list(self._adapters)}. Received: {argument}={names!r}"
+            )
+        return names
+
+    def _check_not_merged(self, operation: str) -> None:
+        if self._merged_adapters:
+            raise ValueError(
+                f"Cannot {operation} on layer '{self.name}' while adapters "
+                f"{self._merged_adapters} are merged. Call `unmerge()` first."
+            )
+
+    def _check_mergeable(self) -> None:
+        mode = getattr(self.layer, "quantization_mode", None)
+        if mode:
+            raise ValueError(
+                f"Layer '{self.name}' wraps a {mode}-quantized base; merging into "
+                "quantized weights would be lossy. Use "
+                "`keras_lora.merge_and_unload(model, dequantize=True)` instead."
+            )
+
+    def _create_factors(self, adapter: LoraAdapter) -> None:
+        a_shape, b_shape = self.factor_shapes(adapter.rank)
+        adapter.create_factors(a_shape, b_shape, self.zero_factor)
+
+    def _scaled_delta(self, name: str):
+        adapter = self._adapters[name]
+        return self.delta(adapter.lora_a, adapter.lora_b) * adapter.scale
+
+
+def _unquantized_policy(policy):
+    """The wrapper computes in the base layer's dtypes, without quantization."""
+    if policy.quantization_mode is None:
+        return policy
+    return keras.DTypePolicy(
+        f"mixed_{policy.compute_dtype}"
+        if policy.compute_dtype != policy.variable_dtype
+        else policy.variable_dtype
+    )
+
+
+@contextlib.contextmanager
+def _without_activation(layer):
+    """Runs `layer` without its activation, yielding the activation.
+
+    The adapter update is added before the activation, so the base output is
+    needed pre-activation; calling the layer itself (rather than re-deriving its
+    math) keeps quantized and subclassed bases exact.
+    """
+    activation = getattr(layer, "activation", None)
+    if activation is None or activation is keras.activations.linear:
+        yield None
+        return
+    layer.activation = None
+    try:
+        yield activation
+    finally:
+        layer.activation = activation

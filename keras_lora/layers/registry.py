@@ -1,0 +1,73 @@
+"""Which wrapper adapts which Keras layer class; users can register their own."""
+
+from __future__ import annotations
+
+import keras
+
+from keras_lora.layers.base import LoraLayer
+from keras_lora.layers.conv import LoraConv1D, LoraConv2D, LoraConv3D
+from keras_lora.layers.dense import LoraDense
+from keras_lora.layers.einsum_dense import LoraEinsumDense
+from keras_lora.layers.embedding import LoraEmbedding
+
+_WRAPPERS: dict[type, type[LoraLayer]] = {
+    keras.layers.Dense: LoraDense,
+    keras.layers.EinsumDense: LoraEinsumDense,
+    keras.layers.Conv1D: LoraConv1D,
+    keras.layers.Conv2D: LoraConv2D,
+    keras.layers.Conv3D: LoraConv3D,
+    keras.layers.Embedding: LoraEmbedding,
+}
+
+
+def register_wrapper(
+    layer_class: type[keras.layers.Layer], wrapper_class: type[LoraLayer]
+) -> None:
+    """Makes `convert` wrap instances of `layer_class` with `wrapper_class`.
+
+    Args:
+        layer_class: a `keras.layers.Layer` subclass.
+        wrapper_class: a `keras_lora.layers.LoraLayer` subclass that adapts it.
+
+    Raises:
+        TypeError: if either is not the expected kind of class.
+
+    Example:
+
+    >>> keras_lora.register_wrapper(MyDense, keras_lora.LoraDense)
+    """
+    if not (
+        isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)
+    ):
+        raise TypeError(
+            "`layer_class` must be a keras.layers.Layer subclass. "
+            f"Received: layer_class={layer_class!r}"
+        )
+    if not (isinstance(wrapper_class, type) and issubclass(wrapper_class, LoraLayer)):
+        raise TypeError(
+            "`wrapper_class` must be a keras_lora LoraLayer subclass. "
+            f"Received: wrapper_class={wrapper_class!r}"
+        )
+    _WRAPPERS[layer_class] = wrapper_class
+
+
+def wrapper_for(layer: keras.layers.Layer) -> type[LoraLayer] | None:
+    """Returns the wrapper class for `layer`, or `None` if there is none.
+
+    The most specific registered class in the layer's MRO wins.
+
+    Args:
+        layer: a Keras layer.
+
+    Returns:
+        A `LoraLayer` subclass, or `None`.
+    """
+    for cls in type(layer).__mro__:
+        if cls in _WRAPPERS:
+            return _WRAPPERS[cls]
+    return None
+
+
+def supported_classes() -> tuple[type, ...]:
+    """The Keras layer classes that have a wrapper, in registration order."""
+    return tuple(_WRAPPERS)

@@ -1,0 +1,41 @@
+"""Package metadata for keras-lora."""
+
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"',
+    (HERE / "keras_lora" / "version.py").read_text(),
+    re.MULTILINE,
+).group(1)
+
+setup(
+    name="keras-lora",
+    version=VERSION,
+    description="LoRA (low-rank adaptation) for Keras 3 models, with peft's numbers.",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["keras_lora", "keras_lora.*"]),
+    package_data={"keras_lora": ["py.typed"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "keras>=3.10",
+        "tensorflow>=2.18",
+        "numpy",
+        "safetensors",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6", "ruff>=0.6"],
+        "examples": ["scikit-learn"],
+        "docs": [],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Framework :: Keras",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
