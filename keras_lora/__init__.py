@@ -1,5 +1,16 @@
 """keras_lora: LoRA (low-rank adaptation) for Keras 3 models."""
 
+from keras_lora.adapters import (
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    lora_layers,
+    merge,
+    set_adapter,
+    unmerge,
+)
+from keras_lora.config import LoraConfig
+from keras_lora.convert import convert, merge_and_unload, unload
 from keras_lora.layers import (
     LoraConv1D,
     LoraConv2D,
@@ -10,9 +21,11 @@ from keras_lora.layers import (
     LoraLayer,
     register_wrapper,
 )
+from keras_lora.summary import print_trainable_parameters, trainable_parameters
 from keras_lora.version import __version__
 
 __all__ = [
+    "LoraConfig",
     "LoraConv1D",
     "LoraConv2D",
     "LoraConv3D",
@@ -21,5 +34,17 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "__version__",
+    "add_adapter",
+    "convert",
+    "delete_adapter",
+    "disable_adapters",
+    "lora_layers",
+    "merge",
+    "merge_and_unload",
+    "print_trainable_parameters",
     "register_wrapper",
+    "set_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
 ]

@@ -3,8 +3,10 @@
 Keras locks a layer's state once it is built, and tracks sub-layers by object
 identity. Adding an adapter to a built wrapper, and rewiring a built layer's
 attribute from a base layer to its wrapper, both need to step around that lock.
-`tests/test_tracking.py` fails loudly if a Keras release changes what this
-module relies on (`Layer._tracker`, `Tracker.unlock/lock/locked/untrack`).
+Telling a Functional model from a subclassed one needs Keras' private
+`Functional` class, which is not exported. `tests/test_tracking.py` fails loudly
+if a Keras release changes what this module relies on (`Layer._tracker`,
+`Tracker.unlock/lock/locked/replace_tracked_value`, `Functional`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,19 @@ from __future__ import annotations
 import contextlib
 
 import keras
+from keras.src.models.functional import Functional
+
+
+def is_graph_model(layer: keras.layers.Layer) -> bool:
+    """Whether `layer` is a Sequential or Functional model (a layer graph).
+
+    Args:
+        layer: any Keras layer.
+
+    Returns:
+        True for `keras.Sequential`, `Functional` models and their subclasses.
+    """
+    return isinstance(layer, (keras.Sequential, Functional))
 
 
 @contextlib.contextmanager
@@ -34,20 +49,27 @@ def unlocked_state(layer: keras.layers.Layer):
             tracker.lock()
 
 
-def rewire_attribute(
-    parent: keras.layers.Layer,
-    attribute: str,
-    new: keras.layers.Layer,
-) -> None:
-    """Points `parent.<attribute>` at `new`, and tracks `new` in place of the old
-    layer, so that no variable is listed twice and none is lost.
+def rewire(reference, new: keras.layers.Layer) -> None:
+    """Stores `new` where `reference` (a `walk.Reference`) holds a layer, and
+    tracks it in the old layer's place, so that no variable is listed twice,
+    none is lost, and the parent's weight order is kept.
 
     Args:
-        parent: the layer that owns the attribute.
-        attribute: the attribute's name.
+        reference: where the parent holds the layer.
         new: the layer to store there.
     """
-    old = getattr(parent, attribute)
+    parent = reference.parent
+    old = reference.get()
     with unlocked_state(parent):
-        parent._tracker.untrack(old)
-        setattr(parent, attribute, new)
+        if parent._tracker.is_in_store("layers", old):
+            parent._tracker.replace_tracked_value("layers", old, new)
+        if reference.key is None:
+            setattr(parent, reference.attribute, new)
+        else:
+            container = getattr(parent, reference.attribute)
+            if isinstance(container, tuple):
+                items = list(container)
+                items[reference.key] = new
+                setattr(parent, reference.attribute, type(container)(items))
+            else:
+                container[reference.key] = new

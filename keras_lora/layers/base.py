@@ -356,6 +356,23 @@ class LoraLayer(keras.layers.Wrapper):
         layer = keras.saving.deserialize_keras_object(
             config.pop("layer"), custom_objects=custom_objects
         )
+        return cls.restore(layer, config)
+
+    @classmethod
+    def restore(cls, layer: keras.layers.Layer, config: dict) -> LoraLayer:
+        """Wraps `layer` with the adapters and state a `get_config()` recorded.
+
+        The base weights are taken as they are: a config saved merged expects
+        `layer` to hold (or to be loaded with) the merged kernel.
+
+        Args:
+            layer: the base layer to wrap.
+            config: a wrapper config; its `"layer"` entry, if any, is ignored.
+
+        Returns:
+            The new wrapper.
+        """
+        config = {key: value for key, value in config.items() if key != "layer"}
         adapters = config.pop("adapters")
         active = config.pop("active_adapters")
         merged = config.pop("merged_adapters")
@@ -365,7 +382,6 @@ class LoraLayer(keras.layers.Wrapper):
         for name, settings in others:
             wrapper.add_adapter(name, **settings)
         wrapper.set_adapter(active)
-        # The saved base kernel already holds the merged update.
         wrapper._merged_adapters = list(merged)
         wrapper._adapters_enabled = enabled
         return wrapper

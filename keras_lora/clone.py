@@ -1,0 +1,231 @@
+"""Rebuilding a model with some of its layers replaced.
+
+`convert` replaces selected layers by wrappers, `unload` replaces wrappers by
+their base layers; both go through `rebuild`:
+
+- Sequential and Functional models (nested ones too) are cloned graph-wise with
+  `keras.models.clone_model`: every layer that is not replaced is reused, so
+  base weights are shared, never copied. A Functional subclass keeps its class,
+  its methods and its other attributes.
+- Any other layer (a subclassed model, a block that owns layers) is rewired in
+  place: its attributes are pointed at the replacements.
+- A layer whose constructor builds its own sub-layers (a subclassed model or
+  block, or a Functional subclass with its own `get_config`) would come back
+  from a `.keras` file without adapters. Such a layer gets the `LoraRoot`
+  mix-in, whose config records where each wrapper sits and re-applies them on
+  load, before Keras restores the weights.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from keras_lora.layers.base import LoraLayer
+from keras_lora.tracking import Functional, is_graph_model, rewire, unlocked_state
+from keras_lora.walk import children
+
+
+def rebuild(model: keras.Model, replacements: dict[int, keras.layers.Layer]):
+    """Returns `model` rebuilt with `replacements` (`id(old) -> new`) applied.
+
+    Args:
+        model: the model to rebuild.
+        replacements: the layers to swap in, keyed by the id of the old layer.
+
+    Returns:
+        The rebuilt model. If rebuilding fails, the in-place rewiring is undone
+        before the error propagates.
+    """
+    rewired = []
+    memo = dict(replacements)
+    try:
+        new_model = _rebuild(model, memo, rewired)
+        _sync_roots(new_model)
+    except Exception:
+        for reference, old in reversed(rewired):
+            rewire(reference, old)
+        _sync_roots(model)
+        raise
+    return new_model
+
+
+def _rebuild(layer, memo, rewired):
+    if id(layer) in memo:
+        return memo[id(layer)]
+    if is_graph_model(layer):
+        new = _rebuild_graph(layer, memo, rewired)
+    else:
+        memo[id(layer)] = layer
+        new = layer
+        for child, reference in children(layer):
+            replacement = _rebuild(child, memo, rewired)
+            if replacement is not reference.get():
+                rewired.append((reference, reference.get()))
+                rewire(reference, replacement)
+    memo[id(layer)] = new
+    return new
+
+
+def _rebuild_graph(model, memo, rewired):
+    graph_layers = [
+        child for child, ref in children(model) if ref.attribute == "layers"
+    ]
+    mapped = {id(child): _rebuild(child, memo, rewired) for child in graph_layers}
+    if all(mapped[id(child)] is child for child in graph_layers):
+        return model
+    cloned = keras.models.clone_model(
+        model, clone_function=lambda layer: mapped.get(id(layer), layer)
+    )
+    if type(model) in (keras.Sequential, Functional):
+        return cloned
+    return _rehome(model, cloned, memo)
+
+
+def _rehome(model, cloned, memo):
+    """A new instance of `model`'s class over `cloned`'s graph, carrying the
+    attributes the class's constructor had set, with layers replaced."""
+    cls = _original_class(type(model))
+    new = cls.__new__(cls)
+    # The class's own constructor builds a graph of new layers; initialise the
+    # instance as the graph class it derives from, over the cloned graph.
+    graph_class = next(c for c in cls.__mro__ if c in (keras.Sequential, Functional))
+    if graph_class is keras.Sequential:
+        graph_class.__init__(new, layers=cloned.layers, name=model.name)
+    else:
+        graph_class.__init__(
+            new, inputs=cloned.input, outputs=cloned.output, name=model.name
+        )
+    with unlocked_state(new):
+        for attribute, value in vars(model).items():
+            if attribute not in vars(new):
+                setattr(new, attribute, _replace_in(value, memo))
+    return new
+
+
+def _replace_in(value, memo):
+    if isinstance(value, keras.layers.Layer):
+        return memo.get(id(value), value)
+    if isinstance(value, (list, tuple)) and any(
+        isinstance(item, keras.layers.Layer) for item in value
+    ):
+        return type(value)(_replace_in(item, memo) for item in value)
+    if isinstance(value, dict) and any(
+        isinstance(item, keras.layers.Layer) for item in value.values()
+    ):
+        return {key: _replace_in(item, memo) for key, item in value.items()}
+    return value
+
+
+def _is_native(layer) -> bool:
+    """Whether Keras serializes `layer` graph-wise, wrappers included."""
+    return is_graph_model(layer) and type(layer).get_config in (
+        keras.Sequential.get_config,
+        Functional.get_config,
+    )
+
+
+def _roots(model):
+    """The layers Keras rebuilds from their own config: the model itself unless
+    it is a plain graph, and the graph layers of every plain graph in it."""
+    found = [] if _is_native(model) else [model]
+    graphs = [model] if _is_native(model) else []
+    while graphs:
+        graph = graphs.pop()
+        for child, reference in children(graph):
+            if reference.attribute != "layers" or isinstance(child, LoraLayer):
+                continue
+            (graphs if _is_native(child) else found).append(child)
+    return found
+
+
+def _sync_roots(model):
+    for root in _roots(model):
+        original = _original_class(type(root))
+        wanted = _lora_class(original) if _wrapper_sites(root) else original
+        if type(root) is not wanted:
+            root.__class__ = wanted
+
+
+def _wrapper_sites(root) -> list[tuple[list, LoraLayer]]:
+    """`(steps, wrapper)` for the wrappers `root`'s own config must record:
+    those not inside a plain graph or another root (they record their own)."""
+    sites, seen = [], set()
+
+    def visit(layer, steps):
+        for child, reference in children(layer):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            child_steps = [*steps, reference.step()]
+            if isinstance(child, LoraLayer):
+                sites.append((child_steps, child))
+            elif not (_is_native(child) or isinstance(child, LoraRoot)):
+                visit(child, child_steps)
+
+    visit(root, [])
+    return sites
+
+
+def _resolve(root, steps):
+    layer = root
+    for attribute, key in steps:
+        value = getattr(layer, attribute)
+        layer = value if key is None else value[key]
+    return layer
+
+
+def _original_class(cls):
+    return cls.__mro__[2] if issubclass(cls, LoraRoot) else cls
+
+
+_LORA_CLASSES: dict[type, type] = {}
+
+
+def _lora_class(original):
+    if original not in _LORA_CLASSES:
+        lora_class = type(original.__name__, (LoraRoot, original), {})
+        lora_class.__module__ = original.__module__
+        lora_class.__qualname__ = original.__qualname__
+        _LORA_CLASSES[original] = keras.saving.register_keras_serializable(
+            package="keras_lora", name="LoraRoot"
+        )(lora_class)
+    return _LORA_CLASSES[original]
+
+
+@keras.saving.register_keras_serializable(package="keras_lora", name="LoraRoot")
+class LoraRoot:
+    """Mix-in for layers that rebuild their own sub-layers: their config adds
+    where each wrapper sits, and loading re-applies the wrappers.
+
+    A converted model of such a class is an instance of a subclass of its own
+    class (same name, methods and attributes) with this mix-in first.
+    """
+
+    def get_config(self):
+        cls = type(self)
+        self.__class__ = _original_class(cls)
+        try:
+            base = keras.saving.serialize_keras_object(self)
+        finally:
+            self.__class__ = cls
+        sites = [
+            {"steps": steps, "wrapper": keras.saving.serialize_keras_object(wrapper)}
+            for steps, wrapper in _wrapper_sites(self)
+        ]
+        return {"base": base, "lora_sites": sites}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        base = keras.saving.deserialize_keras_object(
+            config["base"], custom_objects=custom_objects
+        )
+        replacements = {}
+        for site in config["lora_sites"]:
+            layer = _resolve(base, site["steps"])
+            wrapper_class = keras.saving.get_registered_object(
+                site["wrapper"]["registered_name"], custom_objects
+            )
+            replacements[id(layer)] = wrapper_class.restore(
+                layer, site["wrapper"]["config"]
+            )
+        return rebuild(base, replacements)

@@ -1,0 +1,278 @@
+"""convert(): turn a Keras model into a LoRA model; unload(): turn it back."""
+
+from __future__ import annotations
+
+import keras
+
+from keras_lora.adapters import lora_layers, merge, reset_traced_functions
+from keras_lora.clone import rebuild
+from keras_lora.config import LoraConfig
+from keras_lora.layers.base import LoraLayer
+from keras_lora.layers.registry import wrapper_for
+from keras_lora.targets import select
+from keras_lora.walk import walk
+
+
+def convert(
+    model: keras.Model, config: LoraConfig | None = None, **config_fields
+) -> keras.Model:
+    """Returns `model` with LoRA adapters on the selected layers.
+
+    Sequential and Functional models (and those nested in them) are cloned
+    graph-wise; layers owned by other layers (a subclassed model, a transformer
+    block's attention projections) are rewired in place. Either way the base
+    weights are shared with `model`, never copied. As with peft's
+    `get_peft_model`, treat `model` as consumed: its selected layers are frozen
+    and its custom layers now hold the adapters. A subclassed model is returned
+    as the same object; a Functional subclass keeps its class and methods.
+
+    After conversion only the adapters train, plus the layers named in
+    `config.train` and the biases chosen by `config.bias`.
+
+    Args:
+        model: a built Keras model.
+        config: a `keras_lora.LoraConfig`. Alternatively pass its fields as
+            keyword arguments (`convert(model, rank=4, targets=["query"])`).
+        **config_fields: `LoraConfig` fields, when `config` is not given.
+
+    Returns:
+        The LoRA model.
+
+    Raises:
+        TypeError: if `model` is not a Keras model or `config` not a LoraConfig.
+        ValueError: if both `config` and fields are given, the model is not
+            built or already has adapters, or a target matches nothing. The
+            model is left unchanged.
+
+    Example:
+
+    >>> lora_model = keras_lora.convert(model, rank=8, targets=["query", "value"])
+    >>> lora_model.compile(optimizer="adam", loss="mse")
+    """
+    config = _resolve_config(config, config_fields)
+    _check_model(model)
+    sites = walk(model)
+    wrapped = [
+        path for path, site in sites.items() if isinstance(site.layer, LoraLayer)
+    ]
+    if wrapped:
+        raise ValueError(
+            f"Model '{model.name}' already has LoRA layers ({_preview(wrapped)}). "
+            "Add another adapter with `keras_lora.add_adapter(model, name, config)`."
+        )
+    candidates = {path: site.layer for path, site in sites.items()}
+    selected = select(candidates, config.targets, config.exclude)
+    train = (
+        select(candidates, config.train, require_wrapper=False, argument="train")
+        if config.train
+        else []
+    )
+    overlap = sorted(set(selected) & set(train))
+    if overlap:
+        raise ValueError(
+            "A layer cannot be both adapted and fully trained; remove it from "
+            f"`targets` or from `train`. Received: both select {overlap}"
+        )
+    flags = _trainable_flags(model)
+    try:
+        replacements = {
+            id(sites[path].layer): _wrap(sites[path].layer, path, config)
+            for path in selected
+        }
+        new_model = rebuild(model, replacements)
+    except Exception:
+        _restore_flags(flags)
+        raise
+    freeze(new_model, config.bias, [candidates[path] for path in train])
+    return new_model
+
+
+def freeze(model: keras.Model, bias: str, train_layers=()) -> None:
+    """Makes only adapters (and `train_layers`, and biases per `bias`) trainable.
+
+    Layers with no adapter inside are frozen whole (`trainable = False`, so a
+    BatchNormalization runs in inference mode, the Keras convention); layers
+    that hold adapters keep `trainable = True` with their own variables frozen.
+
+    Args:
+        model: a LoRA model.
+        bias: `"none"`, `"all"` (every bias trains) or `"lora_only"` (the
+            biases of adapted layers train).
+        train_layers: layers to keep fully trainable.
+    """
+    holders = _adapter_holders(model)
+    _freeze_own_variables(model)
+    for layer in [site.layer for site in walk(model).values()]:
+        if isinstance(layer, LoraLayer):
+            continue
+        if id(layer) in holders:
+            _freeze_own_variables(layer)
+        else:
+            layer.trainable = False
+    for layer in train_layers:
+        layer.trainable = True
+    for site in walk(model).values():
+        layer = site.layer
+        base = layer.layer if isinstance(layer, LoraLayer) else layer
+        if bias == "all" or (bias == "lora_only" and isinstance(layer, LoraLayer)):
+            _train_bias(base)
+
+
+def _adapter_holders(model) -> set[int]:
+    """Ids of the model's layers that have a LoRA layer somewhere below."""
+    holders = set()
+    for site in walk(model).values():
+        if isinstance(site.layer, LoraLayer):
+            parent = model
+            for attribute, key in site.steps[:-1]:
+                value = getattr(parent, attribute)
+                parent = value if key is None else value[key]
+                holders.add(id(parent))
+    return holders
+
+
+def _freeze_own_variables(layer) -> None:
+    """Freezes the variables `layer` owns directly, not its sub-layers'."""
+    sublayer_variables = set()
+    for site in walk(layer).values():
+        sublayer_variables.update(id(v) for v in site.layer.weights)
+    for variable in layer.weights:
+        if id(variable) not in sublayer_variables:
+            variable.trainable = False
+
+
+def _train_bias(layer) -> None:
+    bias = getattr(layer, "bias", None)
+    if not isinstance(bias, keras.Variable):
+        return
+    layer.trainable = True
+    for variable in layer.weights:
+        variable.trainable = variable is bias
+
+
+def _wrap(layer, path, config) -> LoraLayer:
+    wrapper_class = wrapper_for(layer)
+    rank, alpha = config.resolved(path)
+    return wrapper_class(
+        layer,
+        rank=rank,
+        alpha=alpha,
+        dropout=config.dropout,
+        use_rslora=config.use_rslora,
+        init=config.init,
+        adapter_name=config.adapter_name,
+        name=layer.name,
+    )
+
+
+def _resolve_config(config, fields) -> LoraConfig:
+    if config is not None and fields:
+        raise ValueError(
+            "Pass either `config` or LoraConfig fields, not both. "
+            f"Received: config={config!r} and fields {sorted(fields)}"
+        )
+    if config is None:
+        return LoraConfig(**fields)
+    if not isinstance(config, LoraConfig):
+        raise TypeError(
+            f"`config` must be a keras_lora.LoraConfig. Received: config={config!r}"
+        )
+    return config
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"`model` must be a keras.Model. Received: model={model!r} of type "
+            f"{type(model).__name__}"
+        )
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' is not built; call it on a batch or "
+            "`model.build(input_shape)` before converting, so that every layer "
+            "has its weights."
+        )
+
+
+def _trainable_flags(model):
+    layers = [site.layer for site in walk(model).values()]
+    return [(layer, layer.trainable) for layer in layers], [
+        (variable, variable.trainable) for variable in model.weights
+    ]
+
+
+def _restore_flags(flags) -> None:
+    layer_flags, variable_flags = flags
+    for layer, trainable in layer_flags:
+        layer.trainable = trainable
+    for variable, trainable in variable_flags:
+        variable.trainable = trainable
+
+
+def _preview(paths, limit=5) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown if len(paths) <= limit else f"{shown}, ... {len(paths) - limit} more"
+
+
+def merge_and_unload(model: keras.Model, safe: bool = False) -> keras.Model:
+    """Merges the active adapters and returns the model without LoRA layers.
+
+    The result holds plain Keras layers only (no keras_lora class anywhere), so
+    it saves, exports and serves without keras_lora installed. Its base layers
+    are the LoRA model's, now holding the merged weights: use the returned
+    model, not the LoRA one, afterwards.
+
+    Args:
+        model: a LoRA model (merged or not).
+        safe: check every merged kernel is finite before writing it.
+
+    Returns:
+        The plain model, with the same outputs as the LoRA model.
+
+    Raises:
+        ValueError: if the model has no LoRA layer or a merge fails (the model is
+            left unchanged).
+
+    Example:
+
+    >>> served = keras_lora.merge_and_unload(lora_model)
+    >>> served.export("serving/task-a", format="tf_saved_model")
+    """
+    layers = lora_layers(model)
+    if layers and not any(layer.merged for layer in layers.values()):
+        merge(model, safe=safe)
+    return _unwrap(model)
+
+
+def unload(model: keras.Model) -> keras.Model:
+    """Returns the model without LoRA layers and without their updates: the
+    base model's outputs. Merged layers are unmerged first.
+
+    Args:
+        model: a LoRA model.
+
+    Returns:
+        The plain model.
+
+    Raises:
+        ValueError: if the model has no LoRA layer.
+
+    Example:
+
+    >>> base = keras_lora.unload(lora_model)
+    """
+    for layer in lora_layers(model).values():
+        if layer.merged:
+            layer.unmerge()
+    return _unwrap(model)
+
+
+def _unwrap(model):
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(
+            f"Model '{model.name}' has no LoRA layer; there is nothing to unload."
+        )
+    new_model = rebuild(model, {id(layer): layer.layer for layer in layers.values()})
+    reset_traced_functions(new_model)
+    return new_model

@@ -1,0 +1,82 @@
+"""Trainable-parameter counts and the printed report."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+
+from keras_lora.adapters import lora_layers
+
+
+def trainable_parameters(model: keras.Model) -> tuple[int, int]:
+    """Counts the trainable and all parameters of `model`.
+
+    Args:
+        model: any Keras model.
+
+    Returns:
+        `(trainable, total)`, each variable counted once.
+
+    Example:
+
+    >>> trainable, total = keras_lora.trainable_parameters(lora_model)
+    """
+    trainable = sum(_size(v) for v in _unique(model.trainable_weights))
+    total = sum(_size(v) for v in _unique(model.weights))
+    return trainable, total
+
+
+def print_trainable_parameters(model: keras.Model, per_layer: bool = False) -> None:
+    """Prints peft's one-line report, and optionally a table per LoRA layer.
+
+    `trainable params: 1,536 || all params: 101,386 || trainable%: 1.5150`
+
+    Args:
+        model: any Keras model.
+        per_layer: also print each LoRA layer's path, active adapters, rank,
+            scale and adapter parameters.
+
+    Example:
+
+    >>> keras_lora.print_trainable_parameters(lora_model, per_layer=True)
+    """
+    trainable, total = trainable_parameters(model)
+    percent = 100 * trainable / total if total else 0.0
+    print(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        f"trainable%: {percent:.4f}"
+    )
+    if not per_layer:
+        return
+    rows = [("path", "type", "adapters", "rank", "scale", "params")]
+    for path, layer in lora_layers(model).items():
+        adapters = [layer.adapters[name] for name in layer.active_adapters]
+        rows.append(
+            (
+                path,
+                type(layer).__name__,
+                ",".join(layer.active_adapters),
+                ",".join(str(a.rank) for a in adapters),
+                ",".join(f"{a.scale:g}" for a in adapters),
+                f"{sum(_size(a.lora_a) + _size(a.lora_b) for a in adapters):,d}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(
+                cell.ljust(width) for cell, width in zip(row, widths, strict=True)
+            )
+        )
+
+
+def _unique(variables):
+    seen = {}
+    for variable in variables:
+        seen.setdefault(id(variable), variable)
+    return seen.values()
+
+
+def _size(variable) -> int:
+    return math.prod(variable.shape)

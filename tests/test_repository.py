@@ -1,0 +1,49 @@
+"""The repository keeps its promises: README commands, lint, runnable examples."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def readme_commands():
+    return re.findall(r"```sh\n(.+?)\n```", (ROOT / "README.md").read_text())
+
+
+def test_ci_runs_the_readme_test_command_exactly():
+    test_command = next(c for c in readme_commands() if "pytest" in c)
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci_lines
+
+
+def test_readme_quickstart_command_runs_the_quickstart_example():
+    quickstart = next(c for c in readme_commands() if "quickstart" in c)
+    assert quickstart.endswith("examples/quickstart.py")
+    assert (ROOT / "examples" / "quickstart.py").is_file()
+
+
+def test_ruff_lint_and_format_are_clean():
+    for args in (["check", "."], ["format", "--check", "."]):
+        result = subprocess.run(
+            [sys.executable, "-m", "ruff", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_quickstart_example_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--smoke"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainable params:" in result.stdout
+    gap = float(re.search(r"max output difference (\S+)", result.stdout).group(1))
+    assert gap < 1e-4
