@@ -129,9 +129,9 @@ def disable_adapters(model: keras.Model) -> Iterator[keras.Model]:
 def add_adapter(model: keras.Model, adapter_name: str, config: LoraConfig) -> None:
     """Adds a new, inactive adapter to the LoRA layers `config` selects.
 
-    `config.targets` selects among the model's LoRA layers (by their paths);
-    `None` selects all of them. Rank and alpha follow `config.rank_pattern`
-    and `config.alpha_pattern`.
+    `config.targets` selects among the model's LoRA layers (by their paths, or
+    by the class of the layer they wrap); `None` selects all of them. Rank and
+    alpha follow `config.rank_pattern` and `config.alpha_pattern`.
 
     Args:
         model: a LoRA model.
@@ -161,7 +161,8 @@ def add_adapter(model: keras.Model, adapter_name: str, config: LoraConfig) -> No
             f"Layers {existing} already have an adapter named '{adapter_name}'. "
             f"Received: adapter_name={adapter_name!r}"
         )
-    selected = select(layers, config.targets, config.exclude, require_wrapper=False)
+    bases = {path: layer.layer for path, layer in layers.items()}
+    selected = select(bases, config.targets, config.exclude, require_wrapper=False)
     added = []
     try:
         for path in selected:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 
 from keras_lora.layers.base import LoraLayer
@@ -54,7 +56,9 @@ def register_wrapper(
 def wrapper_for(layer: keras.layers.Layer) -> type[LoraLayer] | None:
     """Returns the wrapper class for `layer`, or `None` if there is none.
 
-    The most specific registered class in the layer's MRO wins.
+    The most specific registered class in the layer's MRO wins. A subclass
+    whose `call` signature differs from the registered class's has no wrapper
+    (the wrapper could not cover its other modes) unless registered itself.
 
     Args:
         layer: a Keras layer.
@@ -64,8 +68,14 @@ def wrapper_for(layer: keras.layers.Layer) -> type[LoraLayer] | None:
     """
     for cls in type(layer).__mro__:
         if cls in _WRAPPERS:
-            return _WRAPPERS[cls]
+            wrapper_class = _WRAPPERS[cls]
+            same_call = _call_parameters(type(layer)) == _call_parameters(cls)
+            return wrapper_class if same_call else None
     return None
+
+
+def _call_parameters(cls) -> list[str]:
+    return list(inspect.signature(cls.call).parameters)
 
 
 def supported_classes() -> tuple[type, ...]:
