@@ -23,8 +23,8 @@ setup(
     package_data={"keras_lora": ["py.typed"]},
     python_requires=">=3.10",
     install_requires=[
-        "keras>=3.10",
-        "tensorflow>=2.18",
+        "keras>=3.12",
+        "tensorflow>=2.20",
         "numpy",
         "safetensors",
     ],

@@ -131,7 +131,9 @@ class LoraAdapter(keras.layers.Layer):
         self.lora_a = None
         self.lora_b = None
         self.dropout_layer = (
-            keras.layers.Dropout(self.dropout, name="dropout") if self.dropout else None
+            keras.layers.Dropout(self.dropout, name="dropout", dtype=self.dtype_policy)
+            if self.dropout
+            else None
         )
 
     @property

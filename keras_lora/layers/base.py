@@ -258,7 +258,13 @@ class LoraLayer(keras.layers.Wrapper):
             )
         self.check_rank(rank)
         adapter = LoraAdapter(
-            rank, alpha, dropout, use_rslora, init, name=adapter_name, dtype="float32"
+            rank,
+            alpha,
+            dropout,
+            use_rslora,
+            init,
+            name=adapter_name,
+            dtype=self.dtype_policy,
         )
         adapter.trainable = False
         with unlocked_state(self):
