@@ -81,9 +81,14 @@ def factor_initializers(
         A pair `(a_initializer, b_initializer)`.
     """
     if zero_factor == "a":
+        # peft: nn.init.normal_ (std 1, not Keras' default 0.05) for B; with
+        # init=False both keep torch.randn (std 1).
         if init is False:
-            return keras.initializers.RandomNormal(), keras.initializers.RandomNormal()
-        return keras.initializers.Zeros(), keras.initializers.RandomNormal()
+            return (
+                keras.initializers.RandomNormal(stddev=1.0),
+                keras.initializers.RandomNormal(stddev=1.0),
+            )
+        return keras.initializers.Zeros(), keras.initializers.RandomNormal(stddev=1.0)
     fan_in = math.prod(a_shape[:-1])
     # kaiming_uniform(a=sqrt(5)) on torch's (r, fan_in) weight: bound 1/sqrt(fan_in).
     a_bound = 1.0 / math.sqrt(fan_in)

@@ -65,6 +65,10 @@ class LoraLayer(keras.layers.Wrapper):
         super().__init__(layer, **kwargs)
         self.layer.trainable = False
         self.supports_masking = layer.supports_masking
+        # Inputs reach the base layer through the wrapper, so the wrapper must
+        # cast them as the base would: Embedding does not autocast, and float
+        # ids cast to float16 or bfloat16 would look up the wrong rows.
+        self.autocast = layer.autocast
         self._adapters = {}
         self._active_adapters = []
         self._merged_adapters = []
@@ -72,7 +76,10 @@ class LoraLayer(keras.layers.Wrapper):
         self.add_adapter(adapter_name, rank, alpha, dropout, use_rslora, init)
         self._activate([adapter_name])
         if layer.built:
-            self.build(layer.get_build_config()["input_shape"])
+            # A layer built without an input shape (`Embedding.build()`) has
+            # no "input_shape" in its build config; the shape is not needed.
+            build_config = layer.get_build_config() or {}
+            self.build(build_config.get("input_shape"))
 
     def build(self, input_shape=None):
         super().build(input_shape)
@@ -256,7 +263,6 @@ class LoraLayer(keras.layers.Wrapper):
                 f"'{adapter_name}'; pick another name or delete it first. "
                 f"Received: adapter_name={adapter_name!r}"
             )
-        self.check_rank(rank)
         adapter = LoraAdapter(
             rank,
             alpha,
@@ -266,6 +272,9 @@ class LoraLayer(keras.layers.Wrapper):
             name=adapter_name,
             dtype=self.dtype_policy,
         )
+        # After LoraAdapter validated the settings, so the hook gets a plain
+        # int whatever integer type was passed (np.int64 from a config).
+        self.check_rank(adapter.rank)
         adapter.trainable = False
         with unlocked_state(self):
             if self.built:

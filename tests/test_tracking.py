@@ -1,0 +1,170 @@
+"""keras_lora.tracking leans on Keras' private state tracking (`Layer._tracker`)
+and `Functional`. These tests fail loudly if a Keras release changes them."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_lora import LoraDense
+from keras_lora.tracking import is_graph_model, rewire, unlocked_state
+from keras_lora.walk import Reference
+
+layers = keras.layers
+
+
+def listed_once(variables):
+    ids = [id(variable) for variable in variables]
+    return len(ids) == len(set(ids))
+
+
+def count(variable, variables):
+    return sum(other is variable for other in variables)
+
+
+def test_keras_tracker_api_is_what_tracking_relies_on():
+    layer = layers.Dense(2)
+    layer.build((None, 3))
+    tracker = layer._tracker
+    for method in ("lock", "unlock", "untrack", "is_in_store", "replace_tracked_value"):
+        assert callable(getattr(tracker, method)), method
+    assert tracker.locked is True
+    with pytest.raises(ValueError, match="already built"):
+        layer.add_weight(shape=(1,), name="refused")
+
+    tracker.unlock()
+    assert tracker.locked is False
+    extra = layer.add_weight(shape=(1,), name="extra")
+    assert tracker.is_in_store("trainable_variables", extra)
+    assert count(extra, layer.weights) == 1
+    tracker.untrack(extra)
+    assert count(extra, layer.weights) == 0
+    tracker.lock()
+    assert tracker.locked is True
+
+
+def test_unlocked_state_unlocks_then_restores_the_lock():
+    built = layers.Dense(2)
+    built.build((None, 3))
+    with unlocked_state(built):
+        assert not built._tracker.locked
+        extra = built.add_weight(shape=(1,), name="extra")
+    assert built._tracker.locked
+    assert count(extra, built.weights) == 1
+
+    unbuilt = layers.Dense(2)
+    with unlocked_state(unbuilt):
+        pass
+    assert not unbuilt._tracker.locked
+
+
+def test_unlocked_state_relocks_after_an_error():
+    layer = layers.Dense(2)
+    layer.build((None, 3))
+    with pytest.raises(RuntimeError), unlocked_state(layer):
+        raise RuntimeError
+    assert layer._tracker.locked
+
+
+def test_adapter_added_to_a_built_wrapper_is_listed_exactly_once():
+    wrapper = LoraDense(layers.Dense(4), rank=2)
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, wrapper(inputs))
+    before = list(model.weights)
+
+    wrapper.add_adapter("second", rank=2)
+    added = [wrapper.adapters["second"].lora_a, wrapper.adapters["second"].lora_b]
+    for variable in added:
+        assert count(variable, wrapper.weights) == 1
+        assert count(variable, model.weights) == 1
+    assert listed_once(model.weights)
+    assert all(count(variable, model.weights) == 1 for variable in before)
+    assert [v.path for v in added] == [
+        f"{wrapper.path}/second/lora_a",
+        f"{wrapper.path}/second/lora_b",
+    ]
+
+    wrapper.set_adapter("second")
+    assert [id(v) for v in model.trainable_weights] == [id(v) for v in added]
+    wrapper.delete_adapter("second")
+    assert all(count(variable, model.weights) == 0 for variable in added)
+    assert [id(v) for v in model.weights] == [id(v) for v in before]
+
+
+@keras.saving.register_keras_serializable(package="keras_lora_tests")
+class Block(layers.Layer):
+    """A subclassed layer holding sub-layers in an attribute, a list, a tuple
+    and a dict, as transformer blocks do."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.proj = layers.Dense(4, name="proj")
+        self.stack = [layers.Dense(4, name="stack_0"), layers.Dense(4, name="stack_1")]
+        self.pair = (layers.Dense(4, name="pair_0"), layers.Dense(4, name="pair_1"))
+        self.heads = {"head": layers.Dense(4, name="head")}
+
+    def call(self, x):
+        x = self.proj(x)
+        for layer in [*self.stack, *self.pair]:
+            x = layer(x)
+        return self.heads["head"](x)
+
+
+REFERENCES = {
+    "attribute": ("proj", None),
+    "list_item": ("stack", 1),
+    "tuple_item": ("pair", 0),
+    "dict_item": ("heads", "head"),
+}
+
+
+@pytest.mark.parametrize("where", list(REFERENCES))
+def test_rewire_swaps_a_sub_layer_of_a_built_layer_without_losing_variables(where):
+    keras.utils.set_random_seed(0)
+    block = Block()
+    model = keras.Sequential([keras.Input((3,)), block])
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3)).astype("float32")
+    expected = keras.ops.convert_to_numpy(model(x))
+    block_before, model_before = list(block.weights), list(model.weights)
+
+    reference = Reference(block, *REFERENCES[where])
+    old = reference.get()
+    wrapper = LoraDense(old, rank=2)
+    rewire(reference, wrapper)
+
+    assert reference.get() is wrapper
+    assert block._tracker.locked
+    adapters = [wrapper.lora_a, wrapper.lora_b]
+    for weights, before in (
+        (block.weights, block_before),
+        (model.weights, model_before),
+    ):
+        assert listed_once(weights)
+        assert all(count(variable, weights) == 1 for variable in [*before, *adapters])
+        assert len(weights) == len(before) + 2
+        # The old variables keep their order.
+        kept = [v for v in weights if any(v is b for b in before)]
+        assert [id(v) for v in kept] == [id(v) for v in before]
+    assert all(count(v, block.trainable_weights) == 0 for v in old.weights)
+    assert all(count(v, block.trainable_weights) == 1 for v in adapters)
+    assert wrapper in block._layers and old not in block._layers
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model(x)), expected, rtol=0, atol=1e-6
+    )
+
+
+def test_is_graph_model_tells_layer_graphs_from_subclassed_models():
+    inputs = keras.Input((3,))
+    functional = keras.Model(inputs, layers.Dense(2)(inputs))
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    assert is_graph_model(functional)
+    assert is_graph_model(keras.Sequential([keras.Input((3,)), layers.Dense(2)]))
+    assert not is_graph_model(Subclassed())
+    assert not is_graph_model(layers.Dense(2))
