@@ -86,6 +86,7 @@ class LoraLayer(keras.layers.Wrapper):
         for adapter in self._adapters.values():
             if not adapter.built:
                 self._create_factors(adapter)
+        self._apply_trainable_base_weights()
 
     def call(self, inputs, training=None):
         if self._merged_adapters:
@@ -362,6 +363,11 @@ class LoraLayer(keras.layers.Wrapper):
             "active_adapters": list(self._active_adapters),
             "merged_adapters": list(self._merged_adapters),
             "adapters_enabled": self._adapters_enabled,
+            # Which base variables train (a bias, with bias="lora_only"):
+            # Keras saves layer-level trainable flags only.
+            "trainable_base_weights": [
+                variable.name for variable in self.layer.trainable_weights
+            ],
         }
         return {**base_config, **config}
 
@@ -392,6 +398,7 @@ class LoraLayer(keras.layers.Wrapper):
         active = config.pop("active_adapters")
         merged = config.pop("merged_adapters")
         enabled = config.pop("adapters_enabled")
+        trainable_base_weights = config.pop("trainable_base_weights", [])
         (first, first_settings), *others = adapters.items()
         wrapper = cls(layer, adapter_name=first, **first_settings, **config)
         for name, settings in others:
@@ -399,7 +406,19 @@ class LoraLayer(keras.layers.Wrapper):
         wrapper.set_adapter(active)
         wrapper._merged_adapters = list(merged)
         wrapper._adapters_enabled = enabled
+        wrapper._trainable_base_weights = list(trainable_base_weights)
+        if wrapper.built:
+            wrapper._apply_trainable_base_weights()
         return wrapper
+
+    def _apply_trainable_base_weights(self) -> None:
+        names = getattr(self, "_trainable_base_weights", None)
+        if not names:
+            return
+        self.layer.trainable = True
+        for variable in self.layer.weights:
+            variable.trainable = variable.name in names
+        self._trainable_base_weights = []
 
     def _check_layer(self, layer) -> None:
         if not isinstance(layer, keras.layers.Layer):
@@ -464,7 +483,7 @@ class LoraLayer(keras.layers.Wrapper):
         mode = getattr(self.layer, "quantization_mode", None)
         if mode:
             raise ValueError(
-                f"Layer '{self.name}' wraps a {mode}-quantized base; merging into "
+                f"Layer '{self.name}' wraps an {mode}-quantized base; merging into "
                 "quantized weights would be lossy. Use "
                 "`keras_lora.merge_and_unload(model, dequantize=True)` instead."
             )

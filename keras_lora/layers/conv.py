@@ -72,7 +72,10 @@ class LoraConv(LoraLayer):
         filters = lora_b.shape[-1]
         a = ops.reshape(lora_a, (*kernel_size, in_per_group, groups, rank // groups))
         b = ops.reshape(lora_b, (rank // groups, groups, filters // groups))
-        grouped = ops.einsum("...igs,sgt->...igt", a, b)
+        # Spelled out, not "...igs,sgt->...igt": TensorFlow 2.21's CPU einsum
+        # corrupts memory with that ellipsis form (intermittent segfaults).
+        spatial = "xyz"[: len(kernel_size)]
+        grouped = ops.einsum(f"{spatial}igs,sgt->{spatial}igt", a, b)
         return ops.reshape(grouped, (*kernel_size, in_per_group, filters))
 
 

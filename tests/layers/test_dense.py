@@ -133,7 +133,7 @@ def test_quantized_base_is_adapted_and_saved_but_not_merged(mode, tmp_path):
     np.testing.assert_allclose(run_layer_test(wrapper, x), expected, rtol=0, atol=1e-6)
 
     state = layer_state(wrapper)
-    with pytest.raises(ValueError, match=f"wraps a {mode}-quantized base.*dequantize"):
+    with pytest.raises(ValueError, match=f"wraps an {mode}-quantized base.*dequantize"):
         wrapper.merge()
     assert_unchanged(wrapper, state)
 
