@@ -9,9 +9,12 @@ or nothing. Layer state is Python state that Keras reads when it traces
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import weakref
 from collections.abc import Iterator
 
 import keras
+from keras import ops
 
 from keras_lora.config import LoraConfig
 from keras_lora.layers.base import LoraLayer
@@ -51,15 +54,19 @@ def merge(
         safe: check every merged kernel is finite before writing it.
 
     Raises:
-        ValueError: if the model has no LoRA layer, a layer is already merged,
-            or a merge fails; layers merged before the failure are unmerged, so
-            the model is left as it was.
+        ValueError: if the model has no LoRA layer, a layer is already merged
+            or has its adapters disabled, a name is not an adapter of every
+            layer, or (`safe=True`) a merged kernel would not be finite. These
+            are checked before any kernel changes, so the model is left exactly
+            as it was; if a layer fails otherwise, the layers merged before it
+            are unmerged.
 
     Example:
 
     >>> keras_lora.merge(lora_model)
     """
     layers = _require_lora_layers(model)
+    _check_merge(model, layers, adapter_names, safe)
     done = []
     try:
         for layer in layers.values():
@@ -180,11 +187,16 @@ def add_adapter(model: keras.Model, adapter_name: str, config: LoraConfig) -> No
         for layer in added:
             layer.delete_adapter(adapter_name)
         raise
+    record_config(model, dataclasses.replace(config, adapter_name=adapter_name))
     reset_traced_functions(model)
 
 
 def set_adapter(model: keras.Model, adapter_names: str | list[str]) -> None:
     """Activates the named adapter(s) in every LoRA layer that has them.
+
+    Only active adapters train. If the model is compiled, its optimizer (built
+    for the previously trainable variables) is replaced by a new one of the
+    same config, as recompiling would do, so `fit` and `save` keep working.
 
     Args:
         model: an unmerged LoRA model.
@@ -203,11 +215,13 @@ def set_adapter(model: keras.Model, adapter_names: str | list[str]) -> None:
             f"`adapter_names` must name adapters of model '{model.name}': "
             f"{sorted(known)}. Received: adapter_names={adapter_names!r}"
         )
+    trainable = trainable_ids(model)
     for layer in layers.values():
         own = [name for name in names if name in layer.adapters]
         if own:
             layer.set_adapter(own)
     reset_traced_functions(model)
+    refresh_optimizer(model, trainable)
 
 
 def delete_adapter(model: keras.Model, adapter_name: str) -> None:
@@ -237,9 +251,12 @@ def delete_adapter(model: keras.Model, adapter_name: str) -> None:
             f"'{adapter_name}' is the last adapter of layers {last}; use "
             "`keras_lora.unload(model)` to drop LoRA entirely."
         )
+    trainable = trainable_ids(model)
     for layer in holding.values():
         layer.delete_adapter(adapter_name)
+    _CONFIGS.get(model, {}).pop(adapter_name, None)
     reset_traced_functions(model)
+    refresh_optimizer(model, trainable)
 
 
 def _require_lora_layers(model) -> dict[str, LoraLayer]:
@@ -254,6 +271,49 @@ def _require_lora_layers(model) -> dict[str, LoraLayer]:
             f"Model '{model.name}' has no LoRA layer; call `keras_lora.convert` first."
         )
     return layers
+
+
+def _check_merge(model, layers, adapter_names, safe) -> None:
+    """Refuses a merge that would fail part-way, before any kernel changes:
+    unmerging the layers merged before a failure subtracts what was added,
+    which does not give back the kernels bit for bit."""
+    merged = [path for path, layer in layers.items() if layer.merged]
+    if merged:
+        raise ValueError(
+            f"Layers {merged} of model '{model.name}' are already merged. Call "
+            "`keras_lora.unmerge(model)` first."
+        )
+    disabled = [path for path, layer in layers.items() if not layer.adapters_enabled]
+    if disabled:
+        raise ValueError(
+            f"Layers {disabled} of model '{model.name}' have their adapters "
+            "disabled; merge outside `keras_lora.disable_adapters`."
+        )
+    if adapter_names is not None:
+        lacking = [
+            path
+            for path, layer in layers.items()
+            if not set(adapter_names) <= set(layer.adapter_names)
+        ]
+        if lacking:
+            raise ValueError(
+                "`adapter_names` must name adapters of every LoRA layer; layers "
+                f"{lacking} lack some. Received: adapter_names={adapter_names!r}"
+            )
+    if not safe:
+        return
+    for path, layer in layers.items():
+        if getattr(layer.layer, "quantization_mode", None):
+            continue  # The layer refuses it with its own message.
+        names = layer.active_adapters if adapter_names is None else adapter_names
+        kernel = ops.cast(layer.kernel_variable, "float32")
+        for name in names:
+            kernel = kernel + layer.get_delta_weight(name)
+        if not bool(ops.all(ops.isfinite(kernel))):
+            raise ValueError(
+                f"Merging adapters {list(names)} into layer '{path}' gives "
+                "non-finite weights; nothing was merged."
+            )
 
 
 def _check_unmerged(model, layers, operation) -> None:
@@ -275,3 +335,64 @@ def reset_traced_functions(model: keras.Model) -> None:
     model.train_function = None
     model.test_function = None
     model.predict_function = None
+
+
+def trainable_ids(model: keras.Model) -> list[int]:
+    """The ids of `model`'s trainable variables, for `refresh_optimizer`."""
+    return [id(variable) for variable in model.trainable_variables]
+
+
+def refresh_optimizer(model: keras.Model, trainable_before: list[int]) -> None:
+    """Replaces `model`'s built optimizer by an unbuilt copy (same config) if
+    its trainable variables are no longer `trainable_before`.
+
+    A Keras optimizer is built for one list of variables: once another adapter
+    is trainable, `fit` refuses the new variables, and `model.save` writes
+    optimizer slots that do not fit them, so the file fails to load (or, with
+    equal shapes, loads another adapter's moments). Recompiling would be the
+    fix; this does it for the optimizer, built for the new trainable variables
+    as `Model.compile_from_config` builds it.
+
+    Args:
+        model: a Keras model, compiled or not.
+        trainable_before: `trainable_ids(model)` before the change.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not optimizer.built:
+        return
+    if trainable_ids(model) == trainable_before:
+        return
+    fresh = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    fresh.build(model.trainable_variables)
+    model.optimizer = fresh
+
+
+# The config each adapter was created with, per model, for `save_adapter`.
+# Weak keys: the record lives as long as the model, and stays out of Keras'
+# attribute tracking and of the model's saved config.
+_CONFIGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def record_config(model: keras.Model, config: LoraConfig) -> None:
+    """Remembers `config` as the config of adapter `config.adapter_name` of
+    `model`; `convert` and `add_adapter` call it.
+
+    Args:
+        model: a LoRA model.
+        config: the config the adapter was created with.
+    """
+    _CONFIGS.setdefault(model, {})[config.adapter_name] = config
+
+
+def recorded_config(model: keras.Model, adapter_name: str) -> LoraConfig | None:
+    """Returns the config `record_config` remembered for an adapter of
+    `model`, or `None` (e.g. for a model loaded from a `.keras` file).
+
+    Args:
+        model: a LoRA model.
+        adapter_name: the adapter.
+
+    Returns:
+        A `LoraConfig`, or `None`.
+    """
+    return _CONFIGS.get(model, {}).get(adapter_name)

@@ -146,9 +146,11 @@ def _sync_roots(model):
             root.__class__ = wanted
 
 
-def _wrapper_sites(root) -> list[tuple[list, LoraLayer]]:
-    """`(steps, wrapper)` for the wrappers `root`'s own config must record:
-    those not inside a plain graph or another root (they record their own)."""
+def _own_sites(root) -> list[tuple[list, keras.layers.Layer]]:
+    """`(steps, layer)` for every layer `root`'s constructor creates, parents
+    first, wrappers included but not their insides. A graph model inside
+    `root` is built by that constructor too, not from the graph's config, so
+    its layers are `root`'s to record."""
     sites, seen = [], set()
 
     def visit(layer, steps):
@@ -157,13 +159,30 @@ def _wrapper_sites(root) -> list[tuple[list, LoraLayer]]:
                 continue
             seen.add(id(child))
             child_steps = [*steps, reference.step()]
-            if isinstance(child, LoraLayer):
-                sites.append((child_steps, child))
-            elif not (_is_native(child) or isinstance(child, LoraRoot)):
+            sites.append((child_steps, child))
+            if not isinstance(child, LoraLayer):
                 visit(child, child_steps)
 
     visit(root, [])
     return sites
+
+
+def _wrapper_sites(root) -> list[tuple[list, LoraLayer]]:
+    """`(steps, wrapper)` for the wrappers `root`'s own config must record."""
+    return [site for site in _own_sites(root) if isinstance(site[1], LoraLayer)]
+
+
+def _frozen_steps(root) -> list[list]:
+    """Steps of the frozen layers under `root` (not those below a frozen
+    layer, which freezing it covers): its constructor creates them trainable,
+    so its config must record them."""
+    frozen = []
+    for steps, layer in _own_sites(root):
+        if isinstance(layer, LoraLayer) or layer.trainable:
+            continue
+        if not any(steps[: len(outer)] == outer for outer in frozen):
+            frozen.append(steps)
+    return frozen
 
 
 def _resolve(root, steps):
@@ -195,7 +214,8 @@ def _lora_class(original):
 @keras.saving.register_keras_serializable(package="keras_lora", name="LoraRoot")
 class LoraRoot:
     """Mix-in for layers that rebuild their own sub-layers: their config adds
-    where each wrapper sits, and loading re-applies the wrappers.
+    where each wrapper sits and which layers are frozen, and loading re-applies
+    both.
 
     A converted model of such a class is an instance of a subclass of its own
     class (same name, methods and attributes) with this mix-in first.
@@ -212,7 +232,7 @@ class LoraRoot:
             {"steps": steps, "wrapper": keras.saving.serialize_keras_object(wrapper)}
             for steps, wrapper in _wrapper_sites(self)
         ]
-        return {"base": base, "lora_sites": sites}
+        return {"base": base, "lora_sites": sites, "frozen": _frozen_steps(self)}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -228,4 +248,7 @@ class LoraRoot:
             replacements[id(layer)] = wrapper_class.restore(
                 layer, site["wrapper"]["config"]
             )
-        return rebuild(base, replacements)
+        model = rebuild(base, replacements)
+        for steps in config.get("frozen", []):
+            _resolve(model, steps).trainable = False
+        return model

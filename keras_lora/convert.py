@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import keras
 
-from keras_lora.adapters import lora_layers, merge, reset_traced_functions
+from keras_lora.adapters import (
+    lora_layers,
+    merge,
+    record_config,
+    refresh_optimizer,
+    reset_traced_functions,
+    trainable_ids,
+)
 from keras_lora.clone import rebuild
 from keras_lora.config import LoraConfig
 from keras_lora.layers.base import LoraLayer
 from keras_lora.layers.registry import wrapper_for
+from keras_lora.quantization import dequantize_and_unload
 from keras_lora.targets import select
 from keras_lora.walk import walk
 
@@ -67,13 +75,22 @@ def convert(
         if config.train
         else []
     )
-    overlap = sorted(set(selected) & set(train))
+    # A `train` layer holding an adapted one would train its frozen base too
+    # (or not, depending on the backend), so that is refused as well.
+    overlap = sorted(
+        path
+        for path in train
+        if any(f"{adapted}/".startswith(f"{path}/") for adapted in selected)
+    )
     if overlap:
         raise ValueError(
-            "A layer cannot be both adapted and fully trained; remove it from "
-            f"`targets` or from `train`. Received: both select {overlap}"
+            "A layer cannot be both adapted and fully trained, and a fully "
+            "trained layer cannot hold adapted ones; remove it from `targets` "
+            f"or from `train`. Received: `train` selects {overlap}, adapted or "
+            "holding adapted layers"
         )
     flags = _trainable_flags(model)
+    trainable = trainable_ids(model)
     try:
         replacements = {
             id(sites[path].layer): _wrap(sites[path].layer, path, config)
@@ -84,6 +101,11 @@ def convert(
         _restore_flags(flags)
         raise
     freeze(new_model, config.bias, [candidates[path] for path in train])
+    record_config(new_model, config)
+    # A subclassed model is rewired in place: what Keras traced or built for
+    # it before (predict, fit, the optimizer) still holds the old layers.
+    reset_traced_functions(new_model)
+    refresh_optimizer(new_model, trainable)
     return new_model
 
 
@@ -214,7 +236,9 @@ def _preview(paths, limit=5) -> str:
     return shown if len(paths) <= limit else f"{shown}, ... {len(paths) - limit} more"
 
 
-def merge_and_unload(model: keras.Model, safe: bool = False) -> keras.Model:
+def merge_and_unload(
+    model: keras.Model, safe: bool = False, dequantize: bool = False
+) -> keras.Model:
     """Merges the active adapters and returns the model without LoRA layers.
 
     The result holds plain Keras layers only (no keras_lora class anywhere), so
@@ -222,22 +246,33 @@ def merge_and_unload(model: keras.Model, safe: bool = False) -> keras.Model:
     are the LoRA model's, now holding the merged weights: use the returned
     model, not the LoRA one, afterwards.
 
+    A base quantized by Keras (`model.quantize("int8")` or `"int4"`) cannot
+    take a float update without lossy re-quantization, so merging it is
+    refused unless `dequantize=True`: each adapted quantized layer is then
+    replaced by a float layer of the same class whose kernel is the
+    dequantized base kernel plus the update (see
+    `keras_lora.quantization.dequantize_and_unload`).
+
     Args:
         model: a LoRA model (merged or not).
         safe: check every merged kernel is finite before writing it.
+        dequantize: replace adapted quantized layers by merged float layers.
 
     Returns:
-        The plain model, with the same outputs as the LoRA model.
+        The plain model, with the same outputs as the LoRA model (with
+        `dequantize=True`, up to the base's activation quantization, if any).
 
     Raises:
         ValueError: if the model has no LoRA layer or a merge fails (the model is
-            left unchanged).
+            left unchanged), e.g. on a quantized base without `dequantize`.
 
     Example:
 
     >>> served = keras_lora.merge_and_unload(lora_model)
     >>> served.export("serving/task-a", format="tf_saved_model")
     """
+    if dequantize:
+        return dequantize_and_unload(model, safe=safe)
     layers = lora_layers(model)
     if layers and not any(layer.merged for layer in layers.values()):
         merge(model, safe=safe)
@@ -273,6 +308,8 @@ def _unwrap(model):
         raise ValueError(
             f"Model '{model.name}' has no LoRA layer; there is nothing to unload."
         )
+    trainable = trainable_ids(model)
     new_model = rebuild(model, {id(layer): layer.layer for layer in layers.values()})
     reset_traced_functions(new_model)
+    refresh_optimizer(new_model, trainable)
     return new_model

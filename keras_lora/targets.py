@@ -125,6 +125,7 @@ def select(
                 raise ValueError(
                     f"`{argument}` entry {_describe(entry)} selects layers that "
                     f"have no LoRA wrapper: {listed}. {_supported_message()} "
+                    f"Layers: {_paths_message(candidates)}. "
                     f"Received: {argument}={targets!r}"
                 )
             chosen.update(wrapped)
