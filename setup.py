@@ -29,7 +29,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "scikit-learn"],
+        "test": ["pytest>=8", "hypothesis>=6", "ruff==0.17.6", "scikit-learn"],
         "examples": ["scikit-learn"],
         "docs": [],
     },

@@ -9,8 +9,10 @@ from keras_lora.adapters import (
     set_adapter,
     unmerge,
 )
+from keras_lora.checkpoint import adapter_config, load_adapter, save_adapter
 from keras_lora.config import LoraConfig
 from keras_lora.convert import convert, merge_and_unload, unload
+from keras_lora.export import export
 from keras_lora.layers import (
     LoraConv1D,
     LoraConv2D,
@@ -34,15 +36,19 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "__version__",
+    "adapter_config",
     "add_adapter",
     "convert",
     "delete_adapter",
     "disable_adapters",
+    "export",
+    "load_adapter",
     "lora_layers",
     "merge",
     "merge_and_unload",
     "print_trainable_parameters",
     "register_wrapper",
+    "save_adapter",
     "set_adapter",
     "trainable_parameters",
     "unload",

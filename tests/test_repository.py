@@ -47,3 +47,16 @@ def test_quickstart_example_runs(tmp_path):
     assert "trainable params:" in result.stdout
     gap = float(re.search(r"max output difference (\S+)", result.stdout).group(1))
     assert gap < 1e-4
+
+
+def test_readme_python_example_runs(tmp_path):
+    example = re.search(r"```python\n(.+?)```", (ROOT / "README.md").read_text(), re.S)
+    result = subprocess.run(
+        [sys.executable, "-c", example.group(1)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainable params:" in result.stdout

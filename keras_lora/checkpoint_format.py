@@ -1,0 +1,295 @@
+"""The adapter directory format: what its two files hold, how a directory is
+written atomically, and how it is read back and checked.
+
+```
+adapter_config.json    {"format_version": 1, "keras_lora_version": "0.1.0",
+                        "adapter_name": "default", "config": LoraConfig.to_dict(),
+                        "layers": [{"path", "wrapper", "rank", "alpha", "dropout",
+                                    "use_rslora", "init"}, ...],
+                        "train": [paths of fully trained layers],
+                        "weights": [keys of the trained non-adapter tensors]}
+adapter.safetensors    float32 tensors "{path}/lora_a", "{path}/lora_b" per layer,
+                       and "{path}/{variable name}" for each key of "weights"
+```
+
+This module knows files, not models: `keras_lora.checkpoint` matches what it
+reads against a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+
+from keras_lora.config import LoraConfig
+from keras_lora.layers.adapter import validate_adapter_settings
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "init")
+_LAYER_KEYS = ("path", "wrapper", *SETTINGS)
+
+
+def factor_keys(path: str) -> tuple[str, str]:
+    """The file keys of one layer's factors: `"{path}/lora_a"`, `"{path}/lora_b"`."""
+    return f"{path}/lora_a", f"{path}/lora_b"
+
+
+def write_directory(
+    directory: str | os.PathLike, document: dict, tensors: dict[str, np.ndarray]
+) -> None:
+    """Writes an adapter directory, all or nothing.
+
+    Both files are written into a new hidden directory next to `directory`,
+    flushed to disk, and the directory is renamed into place. An existing
+    adapter directory is renamed aside first and deleted after: at every
+    moment `directory` is either the old adapter, absent, or the new one, and a
+    failed write leaves the old one in place and no half-written directory.
+
+    Args:
+        directory: the adapter directory to (re)place.
+        document: the JSON document for `adapter_config.json`.
+        tensors: the float32 arrays for `adapter.safetensors`.
+
+    Raises:
+        ValueError: if `directory` is a file, or a directory holding files
+            other than an adapter's (they would be deleted).
+    """
+    target = os.path.abspath(os.fspath(directory))
+    name = os.path.basename(target)
+    if os.path.lexists(target):
+        if not os.path.isdir(target) or os.path.islink(target):
+            raise ValueError(
+                "`directory` exists and is not a directory; pass a directory "
+                f"path for the adapter. Received: directory={directory!r}"
+            )
+        others = sorted(set(os.listdir(target)) - {CONFIG_FILE, WEIGHTS_FILE})
+        if others:
+            raise ValueError(
+                f"`directory` holds files other than an adapter's ({others}); "
+                "saving replaces the whole directory, so pass a new path or an "
+                f"adapter directory. Received: directory={directory!r}"
+            )
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
+    try:
+        weights_path = os.path.join(staging, WEIGHTS_FILE)
+        safetensors.numpy.save_file(
+            tensors, weights_path, metadata={"format": "keras_lora"}
+        )
+        _sync(weights_path)
+        config_path = os.path.join(staging, CONFIG_FILE)
+        with open(config_path, "w", encoding="utf-8") as file:
+            json.dump(document, file, indent=2)
+            file.flush()
+            os.fsync(file.fileno())
+        _sync(staging)
+        _move_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _sync(parent)
+
+
+def read_directory(
+    directory: str | os.PathLike,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Reads an adapter directory and checks that it is self-consistent.
+
+    Args:
+        directory: an adapter directory `write_directory` wrote.
+
+    Returns:
+        `(document, tensors)`: the JSON document and the arrays by key.
+
+    Raises:
+        ValueError: listing every problem found: a missing directory or file,
+            bad JSON, an unknown format version, a malformed field, a
+            truncated or corrupt safetensors file, missing or extra keys, or a
+            tensor that is not float32.
+    """
+    root = os.fspath(directory)
+    if not os.path.isdir(root):
+        raise ValueError(
+            "`directory` is not an adapter directory: it does not exist or is "
+            f"not a directory. Received: directory={directory!r}"
+        )
+    problems = []
+    document = _read_json(os.path.join(root, CONFIG_FILE), problems)
+    tensors = _read_tensors(os.path.join(root, WEIGHTS_FILE), problems)
+    if document is not None:
+        problems.extend(check_document(document))
+    if document is not None and tensors is not None and not problems:
+        problems.extend(_check_tensors(document, tensors))
+    if problems:
+        raise problems_error(f"Cannot load the adapter in {root!r}", problems)
+    return document, tensors
+
+
+def check_document(document: Any) -> list[str]:
+    """Returns the problems of an `adapter_config.json` document (none: `[]`).
+
+    Args:
+        document: the parsed JSON.
+
+    Returns:
+        A list of problem descriptions.
+    """
+    if not isinstance(document, dict):
+        return [f"{CONFIG_FILE} does not hold a JSON object"]
+    version = document.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        saved_by = document.get("keras_lora_version", "an unknown version")
+        return [
+            f"{CONFIG_FILE} has format_version {version!r} (saved by keras_lora "
+            f"{saved_by}); this keras_lora reads format_version "
+            f"{FORMAT_VERSION}: upgrade keras_lora to load it"
+        ]
+    problems = []
+    name = document.get("adapter_name")
+    if not isinstance(name, str) or not name or "/" in name:
+        problems.append(f"adapter_name must be a layer name, got {name!r}")
+    config = document.get("config")
+    if not isinstance(config, dict):
+        problems.append(f"config must be a JSON object, got {config!r}")
+        config = {}
+    try:
+        # Targets are not needed to load (the saved paths are), and a class
+        # target may not be importable here.
+        LoraConfig.from_dict({**config, "targets": None, "exclude": None})
+    except (TypeError, ValueError) as error:
+        problems.append(f"config is not a valid LoraConfig: {error}")
+    for field in ("train", "weights"):
+        value = document.get(field)
+        if not isinstance(value, list) or not all(
+            isinstance(item, str) and item for item in value
+        ):
+            problems.append(f"{field} must be a list of strings, got {value!r}")
+    layers = document.get("layers")
+    if not isinstance(layers, list) or not layers:
+        problems.append(f"layers must be a non-empty list, got {layers!r}")
+        return problems
+    for index, record in enumerate(layers):
+        problems.extend(_check_layer_record(index, record))
+    paths = [
+        record["path"]
+        for record in layers
+        if isinstance(record, dict) and isinstance(record.get("path"), str)
+    ]
+    repeated = sorted(path for path, count in Counter(paths).items() if count > 1)
+    if repeated:
+        problems.append(f"layers lists paths more than once: {repeated}")
+    return problems
+
+
+def problems_error(summary: str, problems: list[str]) -> ValueError:
+    """A `ValueError` whose message lists every problem, one per line."""
+    listed = "\n".join(f"  - {problem}" for problem in problems)
+    count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+    return ValueError(f"{summary}; nothing was changed. {count}:\n{listed}")
+
+
+def _check_layer_record(index: int, record: Any) -> list[str]:
+    if not isinstance(record, dict):
+        return [f"layers[{index}] must be an object, got {record!r}"]
+    missing = [key for key in _LAYER_KEYS if key not in record]
+    if missing:
+        return [f"layers[{index}] lacks {missing}"]
+    where = f"layers[{index}] ({record['path']!r})"
+    problems = []
+    for key in ("path", "wrapper"):
+        if not isinstance(record[key], str) or not record[key]:
+            problems.append(f"{where}: {key} must be a non-empty string")
+    try:
+        validate_adapter_settings(*(record[key] for key in SETTINGS))
+    except (TypeError, ValueError) as error:
+        problems.append(f"{where}: {error}")
+    return problems
+
+
+def _check_tensors(document, tensors) -> list[str]:
+    declared = [
+        key for record in document["layers"] for key in factor_keys(record["path"])
+    ]
+    declared += document["weights"]
+    problems = []
+    repeated = sorted(key for key, count in Counter(declared).items() if count > 1)
+    if repeated:
+        problems.append(f"keys declared more than once: {repeated}")
+    missing = [key for key in declared if key not in tensors]
+    if missing:
+        problems.append(f"{WEIGHTS_FILE} lacks tensors {missing}")
+    extra = sorted(set(tensors) - set(declared))
+    if extra:
+        problems.append(f"{WEIGHTS_FILE} has tensors {CONFIG_FILE} does not: {extra}")
+    for key, value in tensors.items():
+        if value.dtype != np.float32:
+            problems.append(f"tensor {key!r} is {value.dtype}, not float32")
+    return problems
+
+
+def _read_json(path, problems):
+    if not os.path.isfile(path):
+        problems.append(f"{CONFIG_FILE} is missing")
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        problems.append(f"{CONFIG_FILE} is not valid JSON: {error}")
+        return None
+
+
+def _read_tensors(path, problems):
+    if not os.path.isfile(path):
+        problems.append(f"{WEIGHTS_FILE} is missing")
+        return None
+    try:
+        with open(path, "rb") as file:
+            tensors = safetensors.numpy.load(file.read())
+    except Exception as error:  # safetensors raises its own error types.
+        problems.append(
+            f"{WEIGHTS_FILE} cannot be read (truncated or corrupt): {error}"
+        )
+        return None
+    # Own, writable copies: the arrays safetensors returns are read-only views
+    # of a bytes object, and TensorFlow may adopt a NumPy buffer as a
+    # variable's storage on `assign`.
+    return {key: np.array(value) for key, value in tensors.items()}
+
+
+def _move_into_place(staging: str, target: str) -> None:
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+        return
+    aside = f"{staging}-replaced"
+    os.rename(target, aside)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _sync(path: str) -> None:
+    """Flushes a file or a directory entry to disk, where the OS allows it."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

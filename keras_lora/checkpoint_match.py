@@ -1,0 +1,191 @@
+"""Whether an adapter directory fits a model: every problem, found without
+changing the model.
+
+`keras_lora.checkpoint.load_adapter` runs these checks on what
+`keras_lora.checkpoint_format.read_directory` returned, and loads only if they
+find nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import keras
+
+from keras_lora.adapter_state import own_variables
+from keras_lora.checkpoint_format import factor_keys
+from keras_lora.layers.base import LoraLayer
+from keras_lora.layers.registry import wrapper_for
+from keras_lora.walk import Site, walk
+
+
+def problems(
+    model: keras.Model,
+    sites: Mapping[str, Site],
+    document: dict,
+    tensors: Mapping,
+    adapter_name: str,
+) -> list[str]:
+    """Every reason the adapter cannot load into `model`.
+
+    Into a plain model: each saved path must be a layer of the model with the
+    saved wrapper type, whose factors have the saved shapes. Into a LoRA
+    model: each saved path must be an unmerged LoRA layer of that type, and
+    an adapter of the same name elsewhere must be removable. Either way each
+    trained weight must be a model variable of the saved shape.
+
+    Args:
+        model: the model to load into.
+        sites: its `walk()`.
+        document: the checked `adapter_config.json` document.
+        tensors: the checked tensors.
+        adapter_name: the name the adapter loads under.
+
+    Returns:
+        A list of problem descriptions; empty if the adapter fits.
+    """
+    lora = {p: s.layer for p, s in sites.items() if isinstance(s.layer, LoraLayer)}
+    if not lora and not model.built:
+        return [f"model '{model.name}' is not built; build it before loading"]
+    saved = saved_settings(document)
+    found = []
+    for record in document["layers"]:
+        site = sites.get(record["path"])
+        if site is None:
+            found.append(f"layer '{record['path']}' is not in the model")
+            continue
+        found.extend(_layer_problems(site.layer, record, tensors, adapter_name, lora))
+    for path, layer in lora.items():
+        if path in saved or adapter_name not in layer.adapters:
+            continue
+        if layer.merged or layer.adapter_names == (adapter_name,):
+            found.append(
+                f"layer '{path}' has an adapter '{adapter_name}' that the loaded "
+                "adapter does not cover, and it cannot be removed there (it is "
+                "merged, or the layer's only adapter)"
+            )
+    for path in document["train"]:
+        holds = any(f"{adapted}/".startswith(f"{path}/") for adapted in [*saved, *lora])
+        if path not in sites or holds:
+            found.append(
+                f"trained layer '{path}' is not a layer of the model without "
+                "adapters inside"
+            )
+    for key in document["weights"]:
+        variable = variable_at(sites, key)
+        if variable is None:
+            found.append(f"weight '{key}' has no variable in the model")
+        elif tuple(variable.shape) != tensors[key].shape:
+            found.append(
+                f"weight '{key}' has shape {tensors[key].shape} in the file and "
+                f"{tuple(variable.shape)} in the model"
+            )
+    return found
+
+
+def variable_at(sites: Mapping[str, Site], key: str) -> keras.Variable | None:
+    """The variable a `"{path}/{variable name}"` key names, or `None`.
+
+    Args:
+        sites: the model's `walk()`.
+        key: a file key of a trained weight.
+
+    Returns:
+        The variable of that name the layer at `path` (a wrapper's base
+        layer) holds itself, or `None`.
+    """
+    path, _, variable_name = key.rpartition("/")
+    site = sites.get(path)
+    if site is None:
+        return None
+    layer = site.layer.layer if isinstance(site.layer, LoraLayer) else site.layer
+    return next((v for v in own_variables(layer) if v.name == variable_name), None)
+
+
+def saved_settings(document: dict) -> dict[str, dict]:
+    """The adapter settings of each saved layer, by path.
+
+    Args:
+        document: the checked `adapter_config.json` document.
+
+    Returns:
+        Per path, the keyword arguments of `LoraLayer.add_adapter`.
+    """
+    return {record["path"]: _settings(record) for record in document["layers"]}
+
+
+def snapshot_flags(layer: keras.layers.Layer):
+    """Records the trainable flags of `layer`, its sub-layers and variables.
+
+    Args:
+        layer: a layer or model.
+
+    Returns:
+        A function that puts the flags back.
+    """
+    layers = [layer, *(site.layer for site in walk(layer).values())]
+    layer_flags = [(item, item.trainable) for item in layers]
+    variable_flags = [(variable, variable.trainable) for variable in layer.weights]
+
+    def restore():
+        for item, trainable in layer_flags:
+            item.trainable = trainable
+        for variable, trainable in variable_flags:
+            variable.trainable = trainable
+
+    return restore
+
+
+def _layer_problems(layer, record, tensors, adapter_name, lora) -> list[str]:
+    path = record["path"]
+    if lora:
+        if not isinstance(layer, LoraLayer):
+            return [
+                f"layer '{path}' is a {type(layer).__name__} without adapters; "
+                "into a LoRA model, adapters load onto its LoRA layers only"
+            ]
+        if layer.merged:
+            return [f"layer '{path}' is merged; call `keras_lora.unmerge` first"]
+        wrapper_class, base = type(layer), layer.layer
+    else:
+        wrapper_class, base = wrapper_for(layer), layer
+        if wrapper_class is None:
+            return [f"layer '{path}' is a {type(layer).__name__}, which has no wrapper"]
+    wrapper = keras.saving.get_registered_name(wrapper_class)
+    if wrapper != record["wrapper"]:
+        return [
+            f"layer '{path}' takes a {wrapper}; the adapter was saved for a "
+            f"{record['wrapper']}"
+        ]
+    try:
+        shapes = _factor_shapes(wrapper_class, base, adapter_name, _settings(record))
+    except (TypeError, ValueError) as error:
+        return [f"layer '{path}' cannot take the adapter: {error}"]
+    return [
+        f"tensor '{key}' has shape {tensors[key].shape}; layer '{path}' needs {shape}"
+        for key, shape in zip(factor_keys(path), shapes, strict=True)
+        if tensors[key].shape != shape
+    ]
+
+
+def _factor_shapes(wrapper_class, base, adapter_name, settings):
+    """The factor shapes a wrapper with `settings` gives `base`, read from a
+    throw-away wrapper, which also runs every check the wrapper makes.
+    Wrapping freezes `base`; its flags are put back."""
+    if not base.built:
+        raise ValueError(f"layer '{base.name}' is not built")
+    restore_flags = snapshot_flags(base)
+    try:
+        probe = wrapper_class(
+            base, adapter_name=adapter_name, name=base.name, **settings
+        )
+    finally:
+        restore_flags()
+    adapter = probe.adapters[adapter_name]
+    return tuple(adapter.lora_a.shape), tuple(adapter.lora_b.shape)
+
+
+def _settings(record) -> dict:
+    return {
+        key: value for key, value in record.items() if key not in ("path", "wrapper")
+    }
