@@ -259,12 +259,24 @@ def delete_adapter(model: keras.Model, adapter_name: str) -> None:
     refresh_optimizer(model, trainable)
 
 
-def _require_lora_layers(model) -> dict[str, LoraLayer]:
+def check_model(model) -> None:
+    """Raises `TypeError` unless `model` is a `keras.Model`.
+
+    Args:
+        model: the value passed as `model`.
+
+    Raises:
+        TypeError: if it is not a Keras model.
+    """
     if not isinstance(model, keras.Model):
         raise TypeError(
             f"`model` must be a keras.Model. Received: model={model!r} of type "
             f"{type(model).__name__}"
         )
+
+
+def _require_lora_layers(model) -> dict[str, LoraLayer]:
+    check_model(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError(

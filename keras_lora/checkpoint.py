@@ -28,6 +28,7 @@ from keras_lora.adapter_state import (
     trained_weights,
 )
 from keras_lora.adapters import (
+    check_model,
     lora_layers,
     record_config,
     recorded_config,
@@ -148,7 +149,7 @@ def load_adapter(
 
     >>> lora_model = keras_lora.load_adapter(build_base_model(), "adapters/task-a")
     """
-    _check_model(model)
+    check_model(model)
     document, tensors = read_directory(directory)
     name = document["adapter_name"] if adapter_name is None else adapter_name
     if not isinstance(name, str) or not name or "/" in name:
@@ -306,7 +307,7 @@ def _config_dict(config: LoraConfig, paths: list[str]) -> dict:
 
 
 def _holders(model, adapter_name) -> dict[str, LoraLayer]:
-    _check_model(model)
+    check_model(model)
     layers = lora_layers(model)
     holders = {
         path: layer for path, layer in layers.items() if adapter_name in layer.adapters
@@ -321,14 +322,6 @@ def _holders(model, adapter_name) -> dict[str, LoraLayer]:
             f"Received: adapter={adapter_name!r}"
         )
     return holders
-
-
-def _check_model(model) -> None:
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"`model` must be a keras.Model. Received: model={model!r} of type "
-            f"{type(model).__name__}"
-        )
 
 
 def _float32(variable):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 
 from keras_lora.adapters import (
+    check_model,
     lora_layers,
     merge,
     record_config,
@@ -58,7 +59,7 @@ def convert(
     >>> lora_model.compile(optimizer="adam", loss="mse")
     """
     config = _resolve_config(config, config_fields)
-    _check_model(model)
+    _check_built(model)
     sites = walk(model)
     wrapped = [
         path for path, site in sites.items() if isinstance(site.layer, LoraLayer)
@@ -202,12 +203,8 @@ def _resolve_config(config, fields) -> LoraConfig:
     return config
 
 
-def _check_model(model) -> None:
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"`model` must be a keras.Model. Received: model={model!r} of type "
-            f"{type(model).__name__}"
-        )
+def _check_built(model) -> None:
+    check_model(model)
     if not model.built:
         raise ValueError(
             f"Model '{model.name}' is not built; call it on a batch or "
