@@ -105,12 +105,15 @@ class LoraLayer(keras.layers.Wrapper):
         for name in self._active_adapters:
             adapter = self._adapters[name]
             x = adapter.apply_dropout(inputs, training=training)
+            lora_b = ops.cast(adapter.lora_b, self.compute_dtype)
+            if adapter.scale != 1.0:
+                # Every adapter output is linear in B: scaling the small factor
+                # saves a pass over the full-size output.
+                lora_b = lora_b * adapter.scale
             update = self.adapter_output(
-                x,
-                ops.cast(adapter.lora_a, self.compute_dtype),
-                ops.cast(adapter.lora_b, self.compute_dtype),
+                x, ops.cast(adapter.lora_a, self.compute_dtype), lora_b
             )
-            outputs = ops.add(outputs, ops.cast(update * adapter.scale, outputs.dtype))
+            outputs = ops.add(outputs, ops.cast(update, outputs.dtype))
         return activation(outputs) if activation is not None else outputs
 
     def compute_output_shape(self, input_shape):

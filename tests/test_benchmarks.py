@@ -1,0 +1,54 @@
+"""The benchmark suite runs and reports every row (not how fast anything is)."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKLOADS = ("dense", "conv", "embedding", "attention")
+SETUPS = ("full", "builtin", "keras_lora")
+
+
+def test_quick_tiny_run_reports_every_row(tmp_path):
+    results = tmp_path / "results.json"
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--tiny", "--json", results],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(results.read_text())["rows"]
+    reported = {(row["section"], row["workload"], row["variant"]) for row in rows}
+    expected = {
+        (section, workload, setup)
+        for section in ("training", "xla", "memory")
+        for workload in WORKLOADS
+        for setup in SETUPS
+    } | {
+        ("inference", workload, mode)
+        for workload in WORKLOADS
+        for mode in ("base", "base-copy", "unmerged", "merged")
+    }
+    assert expected <= reported
+    convert_rows = [row for row in rows if row["section"] == "convert"]
+    assert {row["variant"] for row in convert_rows} == {"time", "peak RSS"}
+    assert len(convert_rows) == 3
+    assert all(row["value"] > 0 for row in rows if row["section"] != "memory")
+    assert all(
+        row["detail"] == "jit_compile=True" for row in rows if row["section"] == "xla"
+    )
+    held = [row for row in rows if row["target"]]
+    assert len(held) == 4 * 5 + 2  # per workload: step, XLA, memory, 2 inference
+    assert all(row["passed"] in (True, False) for row in held)
+    table = run.stdout.split("# all results")[1]
+    for section, workload, variant in expected:
+        line = rf"^{section} +{workload} +{variant} "
+        assert re.search(line, table, re.MULTILINE), (section, workload, variant)
+    assert re.search(r"^targets: \d+/22 PASS", table, re.MULTILINE)
