@@ -87,6 +87,11 @@ def unmerge(model: keras.Model) -> None:
 
     Raises:
         ValueError: if the model has no LoRA layer or is not merged.
+
+    Example:
+
+    >>> keras_lora.merge(lora_model)
+    >>> keras_lora.unmerge(lora_model)
     """
     layers = _require_lora_layers(model)
     unmerged = [path for path, layer in layers.items() if not layer.merged]
@@ -204,6 +209,10 @@ def set_adapter(model: keras.Model, adapter_names: str | list[str]) -> None:
 
     Raises:
         ValueError: if no layer has one of the names, or the model is merged.
+
+    Example:
+
+    >>> keras_lora.set_adapter(lora_model, "task_b")
     """
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     layers = _require_lora_layers(model)
@@ -234,6 +243,10 @@ def delete_adapter(model: keras.Model, adapter_name: str) -> None:
     Raises:
         ValueError: if no layer has it, it is the last adapter of a layer, or
             the model is merged.
+
+    Example:
+
+    >>> keras_lora.delete_adapter(lora_model, "task_b")
     """
     layers = _require_lora_layers(model)
     _check_unmerged(model, layers, "delete an adapter")

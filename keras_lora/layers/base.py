@@ -41,6 +41,13 @@ class LoraLayer(keras.layers.Wrapper):
         training: Python bool; dropout runs only in training. Training a
             merged layer raises `ValueError`: unmerge it first.
 
+    Example:
+
+    >>> layer = keras_lora.LoraDense(keras.layers.Dense(16), rank=4)
+    >>> layer.add_adapter("task_b", rank=2)
+    >>> layer.set_adapter("task_b")
+    >>> layer.merge()
+
     Reference:
         Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
         arXiv 2106.09685.

@@ -85,6 +85,12 @@ class LoraConv1D(LoraConv):
 
     See `keras_lora.layers.LoraConv` for the formula and arguments.
 
+    Args:
+        layer: the `keras.layers.Conv1D` layer to adapt, built or not.
+        rank, alpha, dropout, use_rslora, init, adapter_name: the first adapter,
+            see `keras_lora.layers.LoraLayer`.
+        **kwargs: base layer arguments such as `name`.
+
     Example:
 
     >>> layer = keras_lora.LoraConv1D(keras.layers.Conv1D(8, 3), rank=4)
@@ -101,6 +107,12 @@ class LoraConv2D(LoraConv):
 
     See `keras_lora.layers.LoraConv` for the formula and arguments.
 
+    Args:
+        layer: the `keras.layers.Conv2D` layer to adapt, built or not.
+        rank, alpha, dropout, use_rslora, init, adapter_name: the first adapter,
+            see `keras_lora.layers.LoraLayer`.
+        **kwargs: base layer arguments such as `name`.
+
     Example:
 
     >>> layer = keras_lora.LoraConv2D(keras.layers.Conv2D(8, 3), rank=4)
@@ -116,6 +128,12 @@ class LoraConv3D(LoraConv):
     """LoRA adapter around a `keras.layers.Conv3D`.
 
     See `keras_lora.layers.LoraConv` for the formula and arguments.
+
+    Args:
+        layer: the `keras.layers.Conv3D` layer to adapt, built or not.
+        rank, alpha, dropout, use_rslora, init, adapter_name: the first adapter,
+            see `keras_lora.layers.LoraLayer`.
+        **kwargs: base layer arguments such as `name`.
 
     Example:
 
