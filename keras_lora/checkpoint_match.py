@@ -55,6 +55,14 @@ def problems(
             found.append(f"layer '{record['path']}' is not in the model")
             continue
         found.extend(_layer_problems(site.layer, record, tensors, adapter_name, lora))
+    if any(record["path"] not in sites for record in document["layers"]):
+        found.append(
+            "layers are matched by path (layer names); Keras numbers unnamed "
+            "layers per process (dense, dense_1, ...), so name the layers, or "
+            "load the base model from its .keras file. Model paths: "
+            + ", ".join(list(sites)[:20])
+            + (f", ... and {len(sites) - 20} more" if len(sites) > 20 else "")
+        )
     for path, layer in lora.items():
         if path in saved or adapter_name not in layer.adapters:
             continue

@@ -1,4 +1,4 @@
-"""The repository keeps its promises: README commands, lint, runnable examples."""
+"""The repository keeps its promises: README commands and example, lint."""
 
 import pathlib
 import re
@@ -33,20 +33,6 @@ def test_ruff_lint_and_format_are_clean():
             text=True,
         )
         assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_quickstart_example_runs(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--smoke"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "trainable params:" in result.stdout
-    gap = float(re.search(r"max output difference (\S+)", result.stdout).group(1))
-    assert gap < 1e-4
 
 
 def test_readme_python_example_runs(tmp_path):
