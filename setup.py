@@ -29,9 +29,15 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "ruff==0.17.6", "scikit-learn"],
-        "examples": ["scikit-learn"],
-        "docs": [],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6",
+            "ruff==0.17.6",
+            "scikit-learn",
+            "matplotlib",
+        ],
+        "examples": ["scikit-learn", "matplotlib"],
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
