@@ -77,8 +77,13 @@ def _rebuild_graph(model, memo, rewired):
         model, clone_function=lambda layer: mapped.get(id(layer), layer)
     )
     if type(model) in (keras.Sequential, Functional):
-        return cloned
-    return _rehome(model, cloned, memo)
+        new = cloned
+    else:
+        new = _rehome(model, cloned, memo)
+    # A new model takes the global policy in force now; keep the model's own,
+    # so that compile adds loss scaling under mixed_float16 as it did before.
+    new.dtype_policy = model.dtype_policy
+    return new
 
 
 def _rehome(model, cloned, memo):

@@ -555,3 +555,21 @@ def test_bias_mode_round_trips_through_a_keras_file(tmp_path):
 
     assert trainable(loaded) == trainable(lora_model)
     assert len(loaded.trainable_weights) == len(lora_model.trainable_weights)
+
+
+def test_converted_graph_keeps_the_model_dtype_policy_for_loss_scaling(
+    dtype_policy,
+):
+    dtype_policy("mixed_float16")
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3),
+            keras.layers.Dense(2, dtype="float32"),
+        ]
+    )
+    dtype_policy("float32")
+    lora_model = keras_lora.convert(model, rank=2)
+    assert lora_model.dtype_policy.name == "mixed_float16"
+    lora_model.compile(optimizer="adam", loss="mse")
+    assert isinstance(lora_model.optimizer, keras.optimizers.LossScaleOptimizer)
