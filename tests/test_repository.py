@@ -20,6 +20,12 @@ def test_ci_runs_both_readme_commands_exactly():
         assert command in ci_lines
 
 
+def test_ci_builds_the_docs_with_the_readme_command():
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"`(\.venv/bin/pip install -e \"\.\[docs\]\".+?)`", readme)
+    assert command.group(1) in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
 def test_readme_quickstart_command_runs_the_quickstart_example():
     quickstart = next(c for c in readme_commands() if "quickstart" in c)
     assert quickstart.endswith("examples/quickstart.py")
