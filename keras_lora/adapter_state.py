@@ -18,7 +18,7 @@ import keras
 from keras_lora.config import LoraConfig
 from keras_lora.layers.base import LoraLayer
 from keras_lora.targets import REGEX_PREFIX, select
-from keras_lora.walk import Site, walk
+from keras_lora.walk import Site, bias_variable, own_variables
 
 
 def exact(path: str) -> str:
@@ -131,8 +131,8 @@ def trained_weights(
             for variable in own_variables(site.layer):
                 _add(weights, f"{path}/{variable.name}", variable)
         if config.bias == "all" or (config.bias == "lora_only" and lora):
-            bias = getattr(site.layer.layer if lora else site.layer, "bias", None)
-            if isinstance(bias, keras.Variable):
+            bias = bias_variable(site.layer)
+            if bias is not None:
                 _add(weights, f"{path}/{bias.name}", bias)
     return train_paths, weights
 
@@ -160,14 +160,14 @@ def inferred_training(
     for path, site in sites.items():
         layer = site.layer
         if isinstance(layer, LoraLayer):
-            bias = getattr(layer.layer, "bias", None)
-            lora_bias |= isinstance(bias, keras.Variable) and id(bias) in training
+            bias = bias_variable(layer)
+            lora_bias |= bias is not None and id(bias) in training
             continue
         holds_adapter = any(p.startswith(f"{path}/") for p in lora_paths)
         inside_train = any(path.startswith(f"{top}/") for top in train)
         if holds_adapter or inside_train:
             continue
-        bias = getattr(layer, "bias", None)
+        bias = bias_variable(layer)
         trains = [v for v in own_variables(layer) if id(v) in training]
         if any(variable is not bias for variable in trains):
             train.append(path)
@@ -175,19 +175,6 @@ def inferred_training(
             plain_bias = True
     bias_mode = "all" if plain_bias else ("lora_only" if lora_bias else "none")
     return bias_mode, [exact(path) for path in train]
-
-
-def own_variables(layer: keras.layers.Layer) -> list[keras.Variable]:
-    """The variables `layer` holds itself, not through its sub-layers.
-
-    Args:
-        layer: a Keras layer.
-
-    Returns:
-        A list of variables, in `layer.weights` order.
-    """
-    inner = {id(v) for site in walk(layer).values() for v in site.layer.weights}
-    return [variable for variable in layer.weights if id(variable) not in inner]
 
 
 def _add(weights, key, variable) -> None:

@@ -14,7 +14,6 @@ import weakref
 from collections.abc import Iterator
 
 import keras
-from keras import ops
 
 from keras_lora.config import LoraConfig
 from keras_lora.layers.base import LoraLayer
@@ -56,10 +55,9 @@ def merge(
     Raises:
         ValueError: if the model has no LoRA layer, a layer is already merged
             or has its adapters disabled, a name is not an adapter of every
-            layer, or (`safe=True`) a merged kernel would not be finite. These
-            are checked before any kernel changes, so the model is left exactly
-            as it was; if a layer fails otherwise, the layers merged before it
-            are unmerged.
+            layer, a base is quantized, or (`safe=True`) a merged kernel would
+            not be finite. Every layer is checked before any kernel changes,
+            so the model is left exactly as it was.
 
     Example:
 
@@ -325,20 +323,8 @@ def _check_merge(model, layers, adapter_names, safe) -> None:
                 "`adapter_names` must name adapters of every LoRA layer; layers "
                 f"{lacking} lack some. Received: adapter_names={adapter_names!r}"
             )
-    if not safe:
-        return
-    for path, layer in layers.items():
-        if getattr(layer.layer, "quantization_mode", None):
-            continue  # The layer refuses it with its own message.
-        names = layer.active_adapters if adapter_names is None else adapter_names
-        kernel = ops.cast(layer.kernel_variable, "float32")
-        for name in names:
-            kernel = kernel + layer.get_delta_weight(name)
-        if not bool(ops.all(ops.isfinite(kernel))):
-            raise ValueError(
-                f"Merging adapters {list(names)} into layer '{path}' gives "
-                "non-finite weights; nothing was merged."
-            )
+    for layer in layers.values():
+        layer.merged_kernel(adapter_names, safe=safe)
 
 
 def _check_unmerged(model, layers, operation) -> None:

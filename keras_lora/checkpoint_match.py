@@ -12,11 +12,10 @@ from collections.abc import Mapping
 
 import keras
 
-from keras_lora.adapter_state import own_variables
 from keras_lora.checkpoint_format import factor_keys
 from keras_lora.layers.base import LoraLayer
 from keras_lora.layers.registry import wrapper_for
-from keras_lora.walk import Site, walk
+from keras_lora.walk import Site, own_variables, walk
 
 
 def problems(

@@ -22,7 +22,7 @@ import keras
 
 from keras_lora.layers.base import LoraLayer
 from keras_lora.tracking import Functional, is_graph_model, rewire, unlocked_state
-from keras_lora.walk import children
+from keras_lora.walk import children, resolve, walk
 
 
 def rebuild(model: keras.Model, replacements: dict[int, keras.layers.Layer]):
@@ -151,30 +151,15 @@ def _sync_roots(model):
             root.__class__ = wanted
 
 
-def _own_sites(root) -> list[tuple[list, keras.layers.Layer]]:
-    """`(steps, layer)` for every layer `root`'s constructor creates, parents
-    first, wrappers included but not their insides. A graph model inside
-    `root` is built by that constructor too, not from the graph's config, so
-    its layers are `root`'s to record."""
-    sites, seen = [], set()
-
-    def visit(layer, steps):
-        for child, reference in children(layer):
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            child_steps = [*steps, reference.step()]
-            sites.append((child_steps, child))
-            if not isinstance(child, LoraLayer):
-                visit(child, child_steps)
-
-    visit(root, [])
-    return sites
-
-
 def _wrapper_sites(root) -> list[tuple[list, LoraLayer]]:
-    """`(steps, wrapper)` for the wrappers `root`'s own config must record."""
-    return [site for site in _own_sites(root) if isinstance(site[1], LoraLayer)]
+    """`(steps, wrapper)` for the wrappers `root`'s own config must record.
+    A graph model inside `root` is built by its constructor too, not from the
+    graph's config, so the graph's layers are `root`'s to record."""
+    return [
+        (site.steps, site.layer)
+        for site in walk(root).values()
+        if isinstance(site.layer, LoraLayer)
+    ]
 
 
 def _frozen_steps(root) -> list[list]:
@@ -182,20 +167,12 @@ def _frozen_steps(root) -> list[list]:
     layer, which freezing it covers): its constructor creates them trainable,
     so its config must record them."""
     frozen = []
-    for steps, layer in _own_sites(root):
-        if isinstance(layer, LoraLayer) or layer.trainable:
+    for site in walk(root).values():
+        if isinstance(site.layer, LoraLayer) or site.layer.trainable:
             continue
-        if not any(steps[: len(outer)] == outer for outer in frozen):
-            frozen.append(steps)
+        if not any(site.steps[: len(outer)] == outer for outer in frozen):
+            frozen.append(site.steps)
     return frozen
-
-
-def _resolve(root, steps):
-    layer = root
-    for attribute, key in steps:
-        value = getattr(layer, attribute)
-        layer = value if key is None else value[key]
-    return layer
 
 
 def _original_class(cls):
@@ -246,7 +223,7 @@ class LoraRoot:
         )
         replacements = {}
         for site in config["lora_sites"]:
-            layer = _resolve(base, site["steps"])
+            layer = resolve(base, site["steps"])
             wrapper_class = keras.saving.get_registered_object(
                 site["wrapper"]["registered_name"], custom_objects
             )
@@ -255,5 +232,5 @@ class LoraRoot:
             )
         model = rebuild(base, replacements)
         for steps in config.get("frozen", []):
-            _resolve(model, steps).trainable = False
+            resolve(model, steps).trainable = False
         return model

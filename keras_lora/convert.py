@@ -19,7 +19,7 @@ from keras_lora.layers.base import LoraLayer
 from keras_lora.layers.registry import wrapper_for
 from keras_lora.quantization import dequantize_and_unload
 from keras_lora.targets import select
-from keras_lora.walk import walk
+from keras_lora.walk import bias_variable, own_variables, walk
 
 
 def convert(
@@ -123,53 +123,32 @@ def freeze(model: keras.Model, bias: str, train_layers=()) -> None:
             biases of adapted layers train).
         train_layers: layers to keep fully trainable.
     """
-    holders = _adapter_holders(model)
-    _freeze_own_variables(model)
-    for layer in [site.layer for site in walk(model).values()]:
-        if isinstance(layer, LoraLayer):
+    sites = walk(model)
+    lora_paths = [p for p, s in sites.items() if isinstance(s.layer, LoraLayer)]
+    for variable in own_variables(model):
+        variable.trainable = False
+    for path, site in sites.items():
+        if isinstance(site.layer, LoraLayer):
             continue
-        if id(layer) in holders:
-            _freeze_own_variables(layer)
+        if any(lora_path.startswith(f"{path}/") for lora_path in lora_paths):
+            for variable in own_variables(site.layer):
+                variable.trainable = False
         else:
-            layer.trainable = False
+            site.layer.trainable = False
     for layer in train_layers:
         layer.trainable = True
-    for site in walk(model).values():
-        layer = site.layer
-        base = layer.layer if isinstance(layer, LoraLayer) else layer
-        if bias == "all" or (bias == "lora_only" and isinstance(layer, LoraLayer)):
-            _train_bias(base)
-
-
-def _adapter_holders(model) -> set[int]:
-    """Ids of the model's layers that have a LoRA layer somewhere below."""
-    holders = set()
-    for site in walk(model).values():
-        if isinstance(site.layer, LoraLayer):
-            parent = model
-            for attribute, key in site.steps[:-1]:
-                value = getattr(parent, attribute)
-                parent = value if key is None else value[key]
-                holders.add(id(parent))
-    return holders
-
-
-def _freeze_own_variables(layer) -> None:
-    """Freezes the variables `layer` owns directly, not its sub-layers'."""
-    sublayer_variables = set()
-    for site in walk(layer).values():
-        sublayer_variables.update(id(v) for v in site.layer.weights)
-    for variable in layer.weights:
-        if id(variable) not in sublayer_variables:
-            variable.trainable = False
+    for site in sites.values():
+        if bias == "all" or (bias == "lora_only" and isinstance(site.layer, LoraLayer)):
+            _train_bias(site.layer)
 
 
 def _train_bias(layer) -> None:
-    bias = getattr(layer, "bias", None)
-    if not isinstance(bias, keras.Variable):
+    bias = bias_variable(layer)
+    if bias is None:
         return
-    layer.trainable = True
-    for variable in layer.weights:
+    base = layer.layer if isinstance(layer, LoraLayer) else layer
+    base.trainable = True
+    for variable in base.weights:
         variable.trainable = variable is bias
 
 

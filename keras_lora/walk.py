@@ -137,3 +137,48 @@ def walk(model: keras.layers.Layer) -> dict[str, Site]:
 
     visit(model, "", [])
     return sites
+
+
+def resolve(root: keras.layers.Layer, steps: list) -> keras.layers.Layer:
+    """The layer reached from `root` by `steps` (a `Site.steps` list of
+    `[attribute, key]` pairs).
+
+    Args:
+        root: the layer the steps start from.
+        steps: `[attribute, key]` pairs; `key` is `None` for a plain attribute.
+
+    Returns:
+        The layer at the end of the steps.
+    """
+    layer = root
+    for attribute, key in steps:
+        value = getattr(layer, attribute)
+        layer = value if key is None else value[key]
+    return layer
+
+
+def own_variables(layer: keras.layers.Layer) -> list[keras.Variable]:
+    """The variables `layer` holds itself, not through its sub-layers.
+
+    Args:
+        layer: a Keras layer.
+
+    Returns:
+        A list of variables, in `layer.weights` order.
+    """
+    inner = {id(v) for site in walk(layer).values() for v in site.layer.weights}
+    return [variable for variable in layer.weights if id(variable) not in inner]
+
+
+def bias_variable(layer: keras.layers.Layer) -> keras.Variable | None:
+    """The bias of `layer` (of the base layer, for a LoRA wrapper), or `None`.
+
+    Args:
+        layer: a Keras layer or LoRA wrapper.
+
+    Returns:
+        The `bias` variable, or `None` if the layer has none.
+    """
+    base = layer.layer if isinstance(layer, LoraLayer) else layer
+    bias = getattr(base, "bias", None)
+    return bias if isinstance(bias, keras.Variable) else None

@@ -184,8 +184,31 @@ class LoraLayer(keras.layers.Wrapper):
             safe: check the merged kernel is finite before writing it.
 
         Raises:
+            ValueError: as `merged_kernel`; nothing is written then.
+        """
+        names = self._active_adapters if adapter_names is None else adapter_names
+        merged = self.merged_kernel(names, safe=safe)
+        kernel = self.kernel_variable
+        kernel.assign(ops.cast(merged, kernel.dtype))
+        self._merged_adapters = list(names)
+
+    def merged_kernel(self, adapter_names: list[str] | None = None, safe: bool = False):
+        """Returns the base kernel with adapters folded in, without writing it.
+
+        `merge()` writes this; a caller merging several layers all or nothing
+        checks every layer with it first.
+
+        Args:
+            adapter_names: adapters to fold in; `None` means the active ones.
+            safe: check the result is finite.
+
+        Returns:
+            A float32 tensor shaped like the base kernel.
+
+        Raises:
             ValueError: if already merged, a name is unknown, the adapters are
-                disabled, or (`safe=True`) the merged kernel is not finite.
+                disabled, the base is quantized, or (`safe=True`) the result is
+                not finite.
         """
         names = self._check_names(
             "adapter_names",
@@ -202,8 +225,7 @@ class LoraLayer(keras.layers.Wrapper):
                 "`enable_adapters()` before merging."
             )
         self._check_mergeable()
-        kernel = self.kernel_variable
-        merged = ops.cast(kernel, "float32")
+        merged = ops.cast(self.kernel_variable, "float32")
         for name in names:
             merged = merged + self._scaled_delta(name)
         if safe and not bool(ops.all(ops.isfinite(merged))):
@@ -211,8 +233,7 @@ class LoraLayer(keras.layers.Wrapper):
                 f"Merging adapters {names} into layer '{self.name}' gives "
                 "non-finite weights; nothing was merged."
             )
-        kernel.assign(ops.cast(merged, kernel.dtype))
-        self._merged_adapters = list(names)
+        return merged
 
     def unmerge(self) -> None:
         """Subtracts the merged adapters from the base kernel.
