@@ -125,6 +125,23 @@ def test_merge_matches_unmerged_output_and_unmerge_restores_the_kernel(case, saf
 
 
 @type_cases
+def test_merged_kernel_is_kernel_plus_deltas_and_writes_nothing(case):
+    wrapper = case.wrap()
+    randomize_adapter(wrapper)
+    wrapper.add_adapter("second", rank=RANK, init=False)
+    kernel = numpy(wrapper.kernel_variable)
+    expected = (
+        kernel
+        + numpy(wrapper.get_delta_weight("default"))
+        + numpy(wrapper.get_delta_weight("second"))
+    )
+    merged = numpy(wrapper.merged_kernel(["default", "second"], safe=True))
+    np.testing.assert_allclose(merged, expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(numpy(wrapper.kernel_variable), kernel)
+    assert not wrapper.merged
+
+
+@type_cases
 def test_safe_merge_refuses_a_non_finite_kernel_and_changes_nothing(case):
     wrapper = case.wrap()
     randomize_adapter(wrapper)
