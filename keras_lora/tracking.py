@@ -4,9 +4,12 @@ Keras locks a layer's state once it is built, and tracks sub-layers by object
 identity. Adding an adapter to a built wrapper, and rewiring a built layer's
 attribute from a base layer to its wrapper, both need to step around that lock.
 Telling a Functional model from a subclassed one needs Keras' private
-`Functional` class, which is not exported. `tests/test_tracking.py` fails loudly
-if a Keras release changes what this module relies on (`Layer._tracker`,
-`Tracker.unlock/lock/locked/replace_tracked_value`, `Functional`).
+`Functional` class, which is not exported. Running a layer's own `call` on a
+kernel other than its variable needs the private attribute behind the layer's
+`kernel` property. `tests/test_tracking.py` fails loudly if a Keras release
+changes what this module relies on (`Layer._tracker`,
+`Tracker.unlock/lock/locked/replace_tracked_value`, `Functional`, a kernel
+property that reads a private attribute holding the variable).
 """
 
 from __future__ import annotations
@@ -73,3 +76,40 @@ def rewire(reference, new: keras.layers.Layer) -> None:
                 setattr(parent, reference.attribute, type(container)(items))
             else:
                 container[reference.key] = new
+
+
+@contextlib.contextmanager
+def substituted_variable(layer: keras.layers.Layer, variable: keras.Variable, value):
+    """Makes `layer` read `value` wherever it reads `variable`, for one call.
+
+    Keras layers expose their kernel through a property (`Dense.kernel`,
+    `Embedding.embeddings`) that reads a private attribute holding the
+    variable; swapping that attribute lets the layer's own `call` run on a
+    tensor, so a subclass's math is kept. Keras' attribute tracking is
+    bypassed: the swap is not a state change and is undone on exit.
+
+    Args:
+        layer: a built Keras layer.
+        variable: one of the layer's variables, held in an attribute of its own.
+        value: the tensor to read instead, shaped and typed as the layer
+            computes with the variable.
+
+    Yields:
+        Nothing.
+
+    Raises:
+        ValueError: if no attribute of `layer` holds `variable`.
+    """
+    attributes = [name for name, held in vars(layer).items() if held is variable]
+    if not attributes:
+        raise ValueError(
+            f"Layer '{layer.name}' holds variable '{variable.path}' in no "
+            "attribute of its own; it cannot be substituted."
+        )
+    for name in attributes:
+        object.__setattr__(layer, name, value)
+    try:
+        yield
+    finally:
+        for name in attributes:
+            object.__setattr__(layer, name, variable)

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from keras_lora import LoraDense
-from keras_lora.tracking import is_graph_model, rewire, unlocked_state
+from keras_lora.tracking import (
+    is_graph_model,
+    rewire,
+    substituted_variable,
+    unlocked_state,
+)
 from keras_lora.walk import Reference
 
 layers = keras.layers
@@ -168,3 +173,43 @@ def test_is_graph_model_tells_layer_graphs_from_subclassed_models():
     assert is_graph_model(keras.Sequential([keras.Input((3,)), layers.Dense(2)]))
     assert not is_graph_model(Subclassed())
     assert not is_graph_model(layers.Dense(2))
+
+
+@pytest.mark.parametrize(
+    ("layer", "input_shape", "attribute"),
+    [
+        (layers.Dense(3), (2, 4), "kernel"),
+        (layers.EinsumDense("ab,bc->ac", output_shape=3), (2, 4), "kernel"),
+        (layers.Conv2D(3, 2), (1, 3, 3, 2), "kernel"),
+        (layers.Embedding(5, 3), (2, 4), "embeddings"),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, layers.Layer) else "",
+)
+def test_substituted_variable_makes_the_layer_call_read_the_value(
+    layer, input_shape, attribute
+):
+    layer.build(input_shape)
+    variable = getattr(layer, attribute)
+    inputs = (
+        np.arange(8).reshape(input_shape) % 5
+        if isinstance(layer, layers.Embedding)
+        else np.ones(input_shape, "float32")
+    )
+    value = keras.ops.ones(variable.shape)
+    with substituted_variable(layer, variable, value):
+        assert getattr(layer, attribute) is value
+        substituted = keras.ops.convert_to_numpy(layer(inputs))
+    assert getattr(layer, attribute) is variable
+    variable.assign(keras.ops.ones(variable.shape))
+    np.testing.assert_array_equal(
+        substituted, keras.ops.convert_to_numpy(layer(inputs))
+    )
+
+
+def test_substituted_variable_refuses_a_variable_the_layer_does_not_hold():
+    layer = layers.Dense(2)
+    layer.build((None, 3))
+    other = keras.Variable(np.zeros((3, 2)), name="other")
+    with pytest.raises(ValueError, match="holds variable"):
+        with substituted_variable(layer, other, keras.ops.ones((3, 2))):
+            pass

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 
 import keras
 from keras import ops
 
 from keras_lora.layers.adapter import LoraAdapter
-from keras_lora.tracking import unlocked_state
+from keras_lora.tracking import substituted_variable, unlocked_state
 
 
 class LoraLayer(keras.layers.Wrapper):
@@ -107,6 +108,14 @@ class LoraLayer(keras.layers.Wrapper):
             return self.layer(inputs, training=training)
         if not self._adapters_enabled:
             return self.layer(inputs, training=training)
+        if not training and self._folding_is_cheaper(inputs):
+            # The layer reads a tensor, which autocasting does not touch, so
+            # it is handed over in the compute dtype.
+            folded = ops.cast(
+                self._kernel_plus(self._active_adapters), self.layer.compute_dtype
+            )
+            with substituted_variable(self.layer, self.kernel_variable, folded):
+                return self.layer(inputs, training=training)
         with _without_activation(self.layer) as activation:
             outputs = self.layer(inputs, training=training)
         for name in self._active_adapters:
@@ -225,9 +234,7 @@ class LoraLayer(keras.layers.Wrapper):
                 "`enable_adapters()` before merging."
             )
         self._check_mergeable()
-        merged = ops.cast(self.kernel_variable, "float32")
-        for name in names:
-            merged = merged + self._scaled_delta(name)
+        merged = self._kernel_plus(names)
         if safe and not bool(ops.all(ops.isfinite(merged))):
             raise ValueError(
                 f"Merging adapters {names} into layer '{self.name}' gives "
@@ -522,6 +529,35 @@ class LoraLayer(keras.layers.Wrapper):
     def _create_factors(self, adapter: LoraAdapter) -> None:
         a_shape, b_shape = self.factor_shapes(adapter.rank)
         adapter.create_factors(a_shape, b_shape, self.zero_factor)
+
+    def _kernel_plus(self, names):
+        """The base kernel plus the scaled deltas of `names`, in float32."""
+        kernel = ops.cast(self.kernel_variable, "float32")
+        for name in names:
+            # Inside a mixed-precision call, the factors read in the compute
+            # dtype, and so does their delta.
+            kernel = kernel + ops.cast(self._scaled_delta(name), "float32")
+        return kernel
+
+    def _folding_is_cheaper(self, inputs) -> bool:
+        """Whether, outside training, adding the adapters to the kernel for
+        this call costs less than computing them factorised.
+
+        Forming `W + scale * delta` takes about `rank` multiply-adds per kernel
+        element; the factorised path takes at least `rank` per output element
+        (its last product) plus a pass over the output to add it. Folding wins
+        when the output is at least as large as the kernel: a batch of tokens
+        through a Dense layer, a convolution over an image, but never one
+        embedding lookup. Either way the layer computes the same function (to
+        float32 rounding); symbolic shapes and quantized bases always take the
+        factorised path.
+        """
+        if getattr(self.layer, "quantization_mode", None):
+            return False
+        output_shape = self.compute_output_shape(tuple(inputs.shape))
+        if any(size is None for size in output_shape):
+            return False
+        return math.prod(output_shape) >= math.prod(self.kernel_variable.shape)
 
     def _scaled_delta(self, name: str):
         adapter = self._adapters[name]

@@ -49,6 +49,19 @@ class LoraEinsumDense(LoraLayer):
         self._equations = _adapter_equations(layer)
         super().__init__(layer, *args, **kwargs)
 
+    def compute_output_shape(self, input_shape):
+        # EinsumDense reports the `None`s of its `output_shape` argument even
+        # where the equation takes that axis from a known input axis.
+        shape = self.layer.compute_output_shape(input_shape)
+        x_spec, outputs = self._equations["x"], self._equations["outputs"]
+        if "." in x_spec + outputs or len(x_spec) != len(input_shape):
+            return shape
+        sizes = dict(zip(x_spec, input_shape, strict=True))
+        return tuple(
+            sizes.get(letter) if size is None else size
+            for letter, size in zip(outputs, shape, strict=True)
+        )
+
     def factor_shapes(self, rank):
         kernel_letters = self._equations["kernel"]
         sizes = dict(zip(kernel_letters, self.kernel_variable.shape, strict=True))
@@ -87,6 +100,8 @@ def _adapter_equations(layer) -> dict[str, str]:
     )
     hidden = "".join(c for c in x_spec if c not in contracted) + rank_letter
     return {
+        "x": x_spec,
+        "outputs": outputs,
         "kernel": kernel,
         "contracted": contracted,
         "kept": kept,
