@@ -37,6 +37,9 @@ setup(
             "matplotlib",
         ],
         "examples": ["scikit-learn", "matplotlib"],
+        # The JAX backend (KERAS_BACKEND=jax). torch has no extra: its default
+        # wheel on Linux is the CUDA build; install the build you need.
+        "jax": ["jax"],
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     classifiers=[

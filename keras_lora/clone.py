@@ -21,7 +21,13 @@ from __future__ import annotations
 import keras
 
 from keras_lora.layers.base import LoraLayer
-from keras_lora.tracking import Functional, is_graph_model, rewire, unlocked_state
+from keras_lora.tracking import (
+    Functional,
+    attributes,
+    is_graph_model,
+    rewire,
+    unlocked_state,
+)
 from keras_lora.walk import children, resolve, walk
 
 
@@ -101,8 +107,9 @@ def _rehome(model, cloned, memo):
             new, inputs=cloned.input, outputs=cloned.output, name=model.name
         )
     with unlocked_state(new):
-        for attribute, value in vars(model).items():
-            if attribute not in vars(new):
+        present = {attribute for attribute, _ in attributes(new)}
+        for attribute, value in attributes(model):
+            if attribute not in present:
                 setattr(new, attribute, _replace_in(value, memo))
     return new
 

@@ -9,7 +9,8 @@ kernel other than its variable needs the private attribute behind the layer's
 `kernel` property. `tests/test_tracking.py` fails loudly if a Keras release
 changes what this module relies on (`Layer._tracker`,
 `Tracker.unlock/lock/locked/replace_tracked_value`, `Functional`, a kernel
-property that reads a private attribute holding the variable).
+property that reads a private attribute holding the variable, and, under the
+torch backend, the `torch.nn.Module` registry that holds sub-layers).
 """
 
 from __future__ import annotations
@@ -18,6 +19,35 @@ import contextlib
 
 import keras
 from keras.src.models.functional import Functional
+
+
+def attributes(layer: keras.layers.Layer) -> list[tuple[str, object]]:
+    """`(name, value)` for every attribute `layer` holds, in the order kept.
+
+    Under the torch backend a Keras layer is also a `torch.nn.Module`, and
+    torch keeps the attributes that hold modules (sub-layers) in the module's
+    `_modules` dict instead of the instance's `__dict__`; the Keras layers
+    there are listed in its place (not Keras' own `_torch_params` registry of
+    torch parameters). `named_children()` would list a layer held by two
+    attributes only once. On the other backends this is `vars(layer).items()`.
+
+    Args:
+        layer: any Keras layer.
+
+    Returns:
+        A new list of `(attribute name, value)` pairs.
+    """
+    found = []
+    for name, value in vars(layer).items():
+        if name == "_modules" and keras.backend.backend() == "torch":
+            found.extend(
+                (attribute, module)
+                for attribute, module in value.items()
+                if isinstance(module, keras.layers.Layer)
+            )
+        else:
+            found.append((name, value))
+    return found
 
 
 def is_graph_model(layer: keras.layers.Layer) -> bool:

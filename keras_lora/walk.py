@@ -12,7 +12,7 @@ import dataclasses
 import keras
 
 from keras_lora.layers.base import LoraLayer
-from keras_lora.tracking import is_graph_model
+from keras_lora.tracking import attributes, is_graph_model
 
 # Attributes in which Keras and TensorFlow keep their own bookkeeping of
 # sub-layers; the user-visible references are the other attributes.
@@ -74,7 +74,7 @@ def children(layer: keras.layers.Layer) -> list[tuple[keras.layers.Layer, Refere
         for index, child in enumerate(layer.layers):
             if not isinstance(child, keras.layers.InputLayer):
                 found.append((child, Reference(layer, "layers", index)))
-    for attribute, value in vars(layer).items():
+    for attribute, value in attributes(layer):
         if attribute in _BOOKKEEPING or attribute.startswith("_self_"):
             continue
         if isinstance(value, keras.layers.Layer):

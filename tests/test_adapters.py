@@ -57,7 +57,7 @@ def test_merge_then_predict_gives_the_merged_outputs():
     before = predict(model)  # traced with the unmerged layers
     base_kernels = kernels(model)
     deltas = [
-        np.asarray(layer.get_delta_weight())
+        keras.ops.convert_to_numpy(layer.get_delta_weight())
         for layer in keras_lora.lora_layers(model).values()
     ]
     keras_lora.merge(model)

@@ -7,11 +7,14 @@ import re
 import subprocess
 import sys
 
+from backends import tensorflow_benchmarks
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKLOADS = ("dense", "conv", "embedding", "attention")
 SETUPS = ("full", "builtin", "keras_lora")
 
 
+@tensorflow_benchmarks
 def test_quick_tiny_run_reports_every_row(tmp_path):
     results = tmp_path / "results.json"
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+from backends import saved_model_export
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -31,6 +33,7 @@ def accuracies(output: str) -> list[tuple[float, float]]:
     return [(float(before), float(after)) for before, after in pairs]
 
 
+@saved_model_export
 def test_quickstart(tmp_path):
     output = run_example("quickstart.py", tmp_path, "--out", str(tmp_path))
     assert "trainable params:" in output

@@ -7,6 +7,7 @@ import pytest
 
 from keras_lora import LoraDense
 from keras_lora.tracking import (
+    attributes,
     is_graph_model,
     rewire,
     substituted_variable,
@@ -83,10 +84,13 @@ def test_adapter_added_to_a_built_wrapper_is_listed_exactly_once():
         assert count(variable, model.weights) == 1
     assert listed_once(model.weights)
     assert all(count(variable, model.weights) == 1 for variable in before)
+    # Every adapter's variables sit next to the base kernel.
     assert [v.path for v in added] == [
-        f"{wrapper.path}/second/lora_a",
-        f"{wrapper.path}/second/lora_b",
+        f"{wrapper.layer.path}/second/lora_a",
+        f"{wrapper.layer.path}/second/lora_b",
     ]
+    assert wrapper.lora_a.path == f"{wrapper.layer.path}/default/lora_a"
+    assert wrapper.layer.kernel.path == f"{wrapper.layer.path}/kernel"
 
     wrapper.set_adapter("second")
     assert [id(v) for v in model.trainable_weights] == [id(v) for v in added]
@@ -155,6 +159,25 @@ def test_rewire_swaps_a_sub_layer_of_a_built_layer_without_losing_variables(wher
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(model(x)), expected, rtol=0, atol=1e-6
     )
+
+
+def test_attributes_list_sub_layers_wherever_the_backend_keeps_them():
+    block = Block()
+    block.alias = block.proj  # one layer held by two attributes
+    found = attributes(block)
+    layer_attributes = [
+        (name, value) for name, value in found if isinstance(value, layers.Layer)
+    ]
+    assert [name for name, _ in layer_attributes] == ["proj", "alias"]
+    assert all(value is block.proj for _, value in layer_attributes)
+    assert [name for name, value in found if value is block.stack] == ["stack"]
+    if keras.backend.backend() == "torch":
+        # What `attributes` relies on: torch.nn.Module keeps module-valued
+        # attributes in `_modules`, not in the instance dict.
+        assert "proj" not in vars(block)
+        assert block._modules["proj"] is block._modules["alias"] is block.proj
+    else:
+        assert found == list(vars(block).items())
 
 
 def test_is_graph_model_tells_layer_graphs_from_subclassed_models():

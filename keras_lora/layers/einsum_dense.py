@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import string
 
 import keras
@@ -26,8 +27,10 @@ class LoraEinsumDense(LoraLayer):
         layer: the `keras.layers.EinsumDense` layer to adapt, built or not. Its
             kernel axes must each be either contracted with the input or kept
             in the output.
-        rank, alpha, dropout, use_rslora, init, adapter_name: the first adapter,
-            see `keras_lora.layers.LoraLayer`.
+        rank, alpha, dropout, use_rslora, init, use_dora, adapter_name: the
+            first adapter, see `keras_lora.layers.LoraLayer`. With DoRA the
+            magnitude has one entry per output unit (the kept kernel axes),
+            the norm running over the contracted axes.
         **kwargs: base layer arguments such as `name`.
 
     Call arguments:
@@ -50,15 +53,17 @@ class LoraEinsumDense(LoraLayer):
         super().__init__(layer, *args, **kwargs)
 
     def compute_output_shape(self, input_shape):
-        # EinsumDense reports the `None`s of its `output_shape` argument even
-        # where the equation takes that axis from a known input axis.
+        # EinsumDense reports its output shape as of its build (the `None`s of
+        # its `output_shape` argument on Keras 3.15, the build-time batch size
+        # on 3.12), not for `input_shape`: an output axis the equation takes
+        # from the input has the input's size.
         shape = self.layer.compute_output_shape(input_shape)
         x_spec, outputs = self._equations["x"], self._equations["outputs"]
         if "." in x_spec + outputs or len(x_spec) != len(input_shape):
             return shape
         sizes = dict(zip(x_spec, input_shape, strict=True))
         return tuple(
-            sizes.get(letter) if size is None else size
+            sizes[letter] if letter in sizes else size
             for letter, size in zip(outputs, shape, strict=True)
         )
 
@@ -68,6 +73,43 @@ class LoraEinsumDense(LoraLayer):
         a_shape = tuple(sizes[letter] for letter in self._equations["contracted"])
         b_shape = tuple(sizes[letter] for letter in self._equations["kept"])
         return (*a_shape, rank), (rank, *b_shape)
+
+    @classmethod
+    def factor_axes(cls, layer, kernel_axes):
+        # A holds the contracted kernel axes, B the kept ones, in kernel order.
+        equations = _adapter_equations(layer)
+        axes = dict(zip(equations["kernel"], kernel_axes, strict=True))
+        a_axes = tuple(axes[letter] for letter in equations["contracted"])
+        b_axes = tuple(axes[letter] for letter in equations["kept"])
+        return (*a_axes, None), (None, *b_axes)
+
+    @property
+    def norm_axes(self):
+        kernel, contracted = self._equations["kernel"], self._equations["contracted"]
+        return tuple(axis for axis, letter in enumerate(kernel) if letter in contracted)
+
+    def output_layout(self, values, ndim):
+        # `values` has the kept axes in kernel order; the outputs may order
+        # them otherwise, with other axes (or an ellipsis) between them.
+        kept, outputs = self._equations["kept"], self._equations["outputs"]
+        ordered = sorted(kept, key=outputs.index)
+        values = ops.transpose(values, [kept.index(letter) for letter in ordered])
+        sizes = dict(zip(ordered, values.shape, strict=True))
+        tail = outputs[outputs.index(ordered[0]) :].replace("...", "")
+        shape = [sizes.get(letter, 1) for letter in tail]
+        if outputs.endswith("..."):
+            # Keras' "ab...,bc->ac..." form: the elided axes follow the units.
+            shape += [1] * (ndim - len(outputs) + len("..."))
+        return ops.reshape(values, shape)
+
+    def kernel_matrix(self, kernel):
+        # The contracted kernel axes first, then the kept ones, as in A and B.
+        letters = self._equations["kernel"]
+        contracted, kept = self._equations["contracted"], self._equations["kept"]
+        order = [letters.index(letter) for letter in contracted + kept]
+        permuted = ops.transpose(kernel, order)
+        fan_in = math.prod(permuted.shape[: len(contracted)])
+        return ops.reshape(permuted, (fan_in, -1))
 
     def adapter_output(self, x, lora_a, lora_b):
         return ops.einsum(

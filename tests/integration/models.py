@@ -129,6 +129,15 @@ class TinyBackbone(keras.Model):
         self.width = width
         self.blocks = blocks
 
+    def __setattr__(self, name, value):
+        # As keras-hub's Backbone: under the torch backend a Keras layer is a
+        # torch.nn.Module, which refuses a sub-layer attribute before
+        # `super().__init__()` runs; the graph tracks every layer anyway.
+        if keras.backend.backend() == "torch":
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
     def embed(self, token_ids):
         """A method the class adds; the converted model must keep it."""
         return self.token_embedding(token_ids)

@@ -1,0 +1,38 @@
+"""The tests that need a feature one Keras backend lacks, marked in one place.
+
+The suite runs under `KERAS_BACKEND=tensorflow`, `jax` and `torch`
+(`.ci/run` runs all three). keras_lora itself uses `keras.ops` only; these
+markers skip the few tests of Keras features that are not on every backend,
+and each reason names the feature.
+"""
+
+import keras
+import pytest
+
+BACKEND = keras.backend.backend()
+
+saved_model_export = pytest.mark.skipif(
+    BACKEND not in ("tensorflow", "jax"),
+    reason="SavedModel export (`model.export`, `keras.export.ExportArchive`) needs "
+    "the TensorFlow or JAX backend: Keras' torch backend exports through "
+    "torch_xla",
+)
+
+tfsm_layer = pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="`keras.layers.TFSMLayer` (a SavedModel reloaded as a Keras layer) "
+    "needs the TensorFlow backend",
+)
+
+tensorflow_benchmarks = pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="the benchmark suite measures the TensorFlow backend only "
+    "(`python -m benchmarks` refuses the others); it runs in the TensorFlow pass",
+)
+
+xla_fit = pytest.mark.skipif(
+    BACKEND not in ("tensorflow", "jax"),
+    reason="`jit_compile=True` in `fit` is XLA on TensorFlow and JAX; Keras' torch "
+    "backend runs torch.compile instead, which trains too but compiles for "
+    "15-45 s per model on 2 CPU cores",
+)
