@@ -6,6 +6,8 @@ import numpy as np
 import keras_lora
 from integration.models import every_layer
 from keras_lora.clone import LoraRoot
+from keras_lora.layers import LoraLayer
+from keras_lora.walk import walk
 
 
 def adapter_variables(model, active_only=False) -> dict[int, object]:
@@ -24,6 +26,21 @@ def base_variables(model) -> list:
     """The model's variables that are not adapter factors."""
     adapters = adapter_variables(model)
     return [v for v in model.weights if id(v) not in adapters]
+
+
+def trainable_by_layer(model) -> list[tuple[str, str]]:
+    """`(layer path, variable path under its base layer)` of every trainable
+    variable, sorted. Unlike Keras' variable paths, this survives a `.keras`
+    reload: a reloaded Sequential or subclassed model builds its layers
+    outside the model's name scope, so their variable paths lose its name."""
+    owners = {}
+    for path, site in walk(model).items():
+        layer = site.layer
+        base = layer.layer if isinstance(layer, LoraLayer) else layer
+        # Parents come first: the innermost layer holding a variable wins.
+        for variable in layer.trainable_weights:
+            owners[id(variable)] = (path, variable.path.removeprefix(f"{base.path}/"))
+    return sorted(owners[id(variable)] for variable in model.trainable_weights)
 
 
 def values(variables) -> list[np.ndarray]:
