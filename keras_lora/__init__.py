@@ -10,9 +10,11 @@ from keras_lora.adapters import (
     unmerge,
 )
 from keras_lora.checkpoint import adapter_config, load_adapter, save_adapter
+from keras_lora.combination import add_weighted_adapter
 from keras_lora.config import LoraConfig
 from keras_lora.convert import convert, merge_and_unload, unload
-from keras_lora.export import export
+from keras_lora.distribution import add_adapter_layouts
+from keras_lora.export import export, export_per_example
 from keras_lora.layers import (
     LoraConv1D,
     LoraConv2D,
@@ -23,6 +25,7 @@ from keras_lora.layers import (
     LoraLayer,
     register_wrapper,
 )
+from keras_lora.routing import adapter_per_example
 from keras_lora.summary import print_trainable_parameters, trainable_parameters
 from keras_lora.version import __version__
 
@@ -37,11 +40,15 @@ __all__ = [
     "LoraLayer",
     "__version__",
     "adapter_config",
+    "adapter_per_example",
     "add_adapter",
+    "add_adapter_layouts",
+    "add_weighted_adapter",
     "convert",
     "delete_adapter",
     "disable_adapters",
     "export",
+    "export_per_example",
     "load_adapter",
     "lora_layers",
     "merge",

@@ -17,6 +17,7 @@ import keras
 
 from keras_lora.config import LoraConfig
 from keras_lora.layers.base import LoraLayer
+from keras_lora.layers.initialization import deferred_initialization
 from keras_lora.targets import REGEX_PREFIX, select
 from keras_lora.walk import Site, bias_variable, own_variables
 
@@ -45,8 +46,9 @@ def config_for_layers(
     values (`alpha=None` when every alpha equals its rank), and if any layer
     differs, `rank_pattern` / `alpha_pattern` name every layer, deepest paths
     first, so that each path's own key is the first to match it. `dropout`,
-    `use_rslora` and `init` are the most common values (a shared dropout or
-    none): a layer that differs needs its adapter replaced after conversion.
+    `use_rslora`, `init` and `use_dora` are the most common values (a shared
+    dropout or none): a layer that differs needs its adapter replaced after
+    conversion.
 
     Args:
         settings: per path, an adapter's `settings()`.
@@ -70,6 +72,7 @@ def config_for_layers(
         targets=[exact(path) for path in settings],
         use_rslora=_most_common(values, "use_rslora"),
         init=_most_common(values, "init"),
+        use_dora=_most_common(values, "use_dora"),
         bias=bias,
         train=tuple(train),
         rank_pattern=_pattern(ranks, rank),
@@ -86,15 +89,16 @@ def describes(config: LoraConfig, settings: Mapping[str, Mapping]) -> bool:
         settings: per path, an adapter's `settings()`.
 
     Returns:
-        True if every layer's rank, alpha, dropout, rsLoRA and init are the
-        config's.
+        True if every layer's rank, alpha, dropout, rsLoRA, init and DoRA are
+        the config's.
     """
     for path, layer in settings.items():
-        shared = (config.dropout, config.use_rslora, config.init)
+        shared = (config.dropout, config.use_rslora, config.init, config.use_dora)
         if config.resolved(path) != (layer["rank"], layer["alpha"]) or shared != (
             layer["dropout"],
             layer["use_rslora"],
             layer["init"],
+            layer["use_dora"],
         ):
             return False
     return True
@@ -205,13 +209,14 @@ def adapter_snapshot(layer: LoraLayer, adapter_name: str) -> tuple:
         adapter_name: one of its adapters.
 
     Returns:
-        `(settings, (lora_a, lora_b) values, active adapter names)`.
+        `(settings, values, active adapter names)`, `values` holding the
+        arrays of the adapter's `parameters` by name.
     """
     adapter = layer.adapters[adapter_name]
-    values = (
-        keras.ops.convert_to_numpy(adapter.lora_a),
-        keras.ops.convert_to_numpy(adapter.lora_b),
-    )
+    values = {
+        name: keras.ops.convert_to_numpy(variable)
+        for name, variable in adapter.parameters.items()
+    }
     return adapter.settings(), values, list(layer.active_adapters)
 
 
@@ -219,13 +224,13 @@ def replace_adapter(
     layer: LoraLayer, adapter_name: str, settings: Mapping, values=None, active=None
 ) -> None:
     """Replaces an adapter of `layer` by a new one of the same name with
-    `settings` (and factor `values`), keeping which adapters are active.
+    `settings` (and parameter `values`), keeping which adapters are active.
 
     Args:
         layer: an unmerged LoRA layer.
         adapter_name: one of its adapters.
         settings: keyword arguments of `LoraLayer.add_adapter`.
-        values: `(lora_a, lora_b)` arrays, or `None` for fresh factors.
+        values: arrays by `parameters` name, or `None` for fresh ones.
         active: the adapters to activate after; `None` means those active now.
     """
     active = list(layer.active_adapters) if active is None else active
@@ -233,7 +238,8 @@ def replace_adapter(
     if layer.adapter_names == (adapter_name,):
         # A layer cannot lose its last adapter, even for a moment.
         placeholder = f"{adapter_name}_replaced"
-        layer.add_adapter(placeholder, **layer.adapters[adapter_name].settings())
+        with deferred_initialization():
+            layer.add_adapter(placeholder, **layer.adapters[adapter_name].settings())
     layer.delete_adapter(adapter_name)
     restore_adapter(layer, adapter_name, settings, values, active)
     if placeholder is not None:
@@ -243,19 +249,22 @@ def replace_adapter(
 def restore_adapter(
     layer: LoraLayer, adapter_name: str, settings: Mapping, values, active
 ) -> None:
-    """Adds an adapter with `settings` and factor `values` to `layer`, then
+    """Adds an adapter with `settings` and parameter `values` to `layer`, then
     activates `active` (the inverse of `delete_adapter`, given a snapshot).
 
     Args:
         layer: an unmerged LoRA layer without that adapter.
         adapter_name: the adapter's name.
         settings: keyword arguments of `LoraLayer.add_adapter`.
-        values: `(lora_a, lora_b)` arrays, or `None` for fresh factors.
+        values: arrays by `parameters` name, or `None` for fresh ones.
         active: the adapter names to activate.
     """
-    layer.add_adapter(adapter_name, **settings)
+    # The values (or the file loaded next) are the factors; a computed init
+    # must not run again on a kernel it already rewrote.
+    with deferred_initialization():
+        layer.add_adapter(adapter_name, **settings)
     if values is not None:
-        adapter = layer.adapters[adapter_name]
-        adapter.lora_a.assign(values[0])
-        adapter.lora_b.assign(values[1])
+        parameters = layer.adapters[adapter_name].parameters
+        for name, value in values.items():
+            parameters[name].assign(value)
     layer.set_adapter(active)

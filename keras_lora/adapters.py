@@ -184,6 +184,7 @@ def add_adapter(model: keras.Model, adapter_name: str, config: LoraConfig) -> No
                 config.dropout,
                 config.use_rslora,
                 config.init,
+                config.use_dora,
             )
             added.append(layers[path])
     except Exception:

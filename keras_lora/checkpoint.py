@@ -1,7 +1,8 @@
 """save_adapter / load_adapter: one adapter of a model as a small directory.
 
 Only adapter-sized data is written (the files are described in
-`keras_lora.checkpoint_format`): each adapted layer's two factors, and the
+`keras_lora.checkpoint_format`): each adapted layer's two factors (and DoRA
+magnitude), and the
 weights the adapter's config trained besides them (the layers in `train`, the
 biases `bias` chose), never the frozen base weights. Loading checks every key,
 shape and dtype against the model before changing anything.
@@ -38,7 +39,7 @@ from keras_lora.adapters import (
 )
 from keras_lora.checkpoint_format import (
     FORMAT_VERSION,
-    factor_keys,
+    adapter_keys,
     problems_error,
     read_directory,
     write_directory,
@@ -52,12 +53,16 @@ from keras_lora.checkpoint_match import (
 from keras_lora.config import LoraConfig
 from keras_lora.convert import convert, unload
 from keras_lora.layers.base import LoraLayer
+from keras_lora.layers.initialization import original_base_state
 from keras_lora.version import __version__
 from keras_lora.walk import walk
 
 
 def save_adapter(
-    model: keras.Model, directory: str | os.PathLike, adapter: str = "default"
+    model: keras.Model,
+    directory: str | os.PathLike,
+    adapter: str = "default",
+    for_original_base: bool = False,
 ) -> None:
     """Saves one adapter of a LoRA model as `adapter_config.json` and
     `adapter.safetensors` in `directory`.
@@ -70,11 +75,19 @@ def save_adapter(
         model: a LoRA model.
         directory: the adapter directory; new, or holding an adapter.
         adapter: the name of the adapter to save.
+        for_original_base: for an adapter whose init replaced the base kernel
+            by a residual (`"pissa"`, `"pissa_niter_K"`, `"olora"`), write an
+            adapter that applies the same update to the original base kernel
+            instead: rank `2r`, factors `[A, A_0]` and `[B, -B_0]` (peft's
+            `path_initial_model_for_weight_conversion`), loadable onto the
+            original model next to other adapters. The model is unchanged.
 
     Raises:
-        TypeError: if `model` is not a Keras model.
-        ValueError: if no layer has the adapter, or `directory` holds other
-            files.
+        TypeError: if `model` is not a Keras model, or `for_original_base` not
+            a bool.
+        ValueError: if no layer has the adapter, `directory` holds other
+            files, or `for_original_base=True` for an adapter whose init left
+            the base kernel as it was.
 
     Example:
 
@@ -82,22 +95,32 @@ def save_adapter(
     >>> sorted(os.listdir("adapters/task-a"))
     ['adapter.safetensors', 'adapter_config.json']
     """
+    if not isinstance(for_original_base, bool):
+        raise TypeError(
+            "`for_original_base` must be a bool. "
+            f"Received: for_original_base={for_original_base!r}"
+        )
     holders = _holders(model, adapter)
     config = adapter_config(model, adapter)
     sites = walk(model)
-    tensors, records = {}, []
+    tensors, records, saved = {}, [], {}
     for path, layer in holders.items():
         state = layer.adapters[adapter]
+        settings, parameters = state.settings(), state.parameters
+        if for_original_base:
+            settings, parameters = original_base_state(layer, state)
+        saved[path] = settings
         records.append(
             {
                 "path": path,
                 "wrapper": keras.saving.get_registered_name(type(layer)),
-                **state.settings(),
+                **settings,
             }
         )
-        key_a, key_b = factor_keys(path)
-        tensors[key_a] = _float32(state.lora_a)
-        tensors[key_b] = _float32(state.lora_b)
+        for name, key in adapter_keys(path, settings["use_dora"]).items():
+            tensors[key] = _float32(parameters[name])
+    if for_original_base:
+        config = config_for_layers(saved, adapter, config.bias, config.train)
     train_paths, weights = trained_weights(sites, config)
     tensors.update({key: _float32(variable) for key, variable in weights.items()})
     document = {
@@ -275,10 +298,10 @@ def _load_into_lora(model, lora, document, tensors, name):
 def _pairs(model, layers, document, tensors, name):
     """`(variable, value)` for every tensor of the file, in `model`."""
     pairs = []
-    for path in saved_settings(document):
-        adapter = layers[path].adapters[name]
-        key_a, key_b = factor_keys(path)
-        pairs += [(adapter.lora_a, tensors[key_a]), (adapter.lora_b, tensors[key_b])]
+    for path, settings in saved_settings(document).items():
+        parameters = layers[path].adapters[name].parameters
+        keys = adapter_keys(path, settings["use_dora"])
+        pairs += [(parameters[part], tensors[key]) for part, key in keys.items()]
     sites = walk(model)
     pairs += [(variable_at(sites, key), tensors[key]) for key in document["weights"]]
     return pairs

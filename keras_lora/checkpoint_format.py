@@ -5,12 +5,15 @@ written atomically, and how it is read back and checked.
 adapter_config.json    {"format_version": 1, "keras_lora_version": "0.1.0",
                         "adapter_name": "default", "config": LoraConfig.to_dict(),
                         "layers": [{"path", "wrapper", "rank", "alpha", "dropout",
-                                    "use_rslora", "init"}, ...],
+                                    "use_rslora", "init", "use_dora"}, ...],
                         "train": [paths of fully trained layers],
                         "weights": [keys of the trained non-adapter tensors]}
-adapter.safetensors    float32 tensors "{path}/lora_a", "{path}/lora_b" per layer,
+adapter.safetensors    float32 tensors "{path}/lora_a", "{path}/lora_b" per layer
+                       (and "{path}/lora_magnitude_vector" for DoRA layers),
                        and "{path}/{variable name}" for each key of "weights"
 ```
+
+A layer record without `use_dora` (written before DoRA) means `false`.
 
 This module knows files, not models: `keras_lora.checkpoint` matches what it
 reads against a model.
@@ -34,13 +37,42 @@ from keras_lora.layers.adapter import validate_adapter_settings
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
-SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "init")
-_LAYER_KEYS = ("path", "wrapper", *SETTINGS)
+SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "init", "use_dora")
+# Settings added after files of this format were first written, with the value
+# their absence means.
+SETTING_DEFAULTS = {"use_dora": False}
+_REQUIRED = tuple(key for key in SETTINGS if key not in SETTING_DEFAULTS)
+_LAYER_KEYS = ("path", "wrapper", *_REQUIRED)
 
 
-def factor_keys(path: str) -> tuple[str, str]:
-    """The file keys of one layer's factors: `"{path}/lora_a"`, `"{path}/lora_b"`."""
-    return f"{path}/lora_a", f"{path}/lora_b"
+def adapter_keys(path: str, use_dora: bool = False) -> dict[str, str]:
+    """The file keys of one layer's adapter tensors, by `LoraAdapter.parameters`
+    name: `"{path}/lora_a"`, `"{path}/lora_b"` and, with DoRA,
+    `"{path}/lora_magnitude_vector"` (peft's name for the magnitude).
+
+    Args:
+        path: the layer path.
+        use_dora: whether the layer's adapter is DoRA.
+
+    Returns:
+        A dict of parameter name to file key.
+    """
+    names = ("lora_a", "lora_b", *(("lora_magnitude_vector",) if use_dora else ()))
+    return {name: f"{path}/{name}" for name in names}
+
+
+def layer_settings(record: dict) -> dict:
+    """The adapter settings a layer record holds, defaults filled in.
+
+    Args:
+        record: one entry of the document's `"layers"`.
+
+    Returns:
+        The keyword arguments of `LoraLayer.add_adapter`: every key of the
+        record but `path` and `wrapper` (an unknown one fails there).
+    """
+    settings = {k: v for k, v in record.items() if k not in ("path", "wrapper")}
+    return {**SETTING_DEFAULTS, **settings}
 
 
 def write_directory(
@@ -210,7 +242,8 @@ def _check_layer_record(index: int, record: Any) -> list[str]:
         if not isinstance(record[key], str) or not record[key]:
             problems.append(f"{where}: {key} must be a non-empty string")
     try:
-        validate_adapter_settings(*(record[key] for key in SETTINGS))
+        settings = layer_settings(record)
+        validate_adapter_settings(*(settings[key] for key in SETTINGS))
     except (TypeError, ValueError) as error:
         problems.append(f"{where}: {error}")
     return problems
@@ -218,7 +251,11 @@ def _check_layer_record(index: int, record: Any) -> list[str]:
 
 def _check_tensors(document, tensors) -> list[str]:
     declared = [
-        key for record in document["layers"] for key in factor_keys(record["path"])
+        key
+        for record in document["layers"]
+        for key in adapter_keys(
+            record["path"], layer_settings(record)["use_dora"]
+        ).values()
     ]
     declared += document["weights"]
     problems = []

@@ -12,8 +12,10 @@ from collections.abc import Mapping
 
 import keras
 
-from keras_lora.checkpoint_format import factor_keys
+from keras_lora.checkpoint_format import adapter_keys, layer_settings
+from keras_lora.layers.adapter import rewrites_kernel
 from keras_lora.layers.base import LoraLayer
+from keras_lora.layers.initialization import deferred_initialization
 from keras_lora.layers.registry import wrapper_for
 from keras_lora.walk import Site, own_variables, walk
 
@@ -118,7 +120,7 @@ def saved_settings(document: dict) -> dict[str, dict]:
     Returns:
         Per path, the keyword arguments of `LoraLayer.add_adapter`.
     """
-    return {record["path"]: _settings(record) for record in document["layers"]}
+    return {record["path"]: layer_settings(record) for record in document["layers"]}
 
 
 def snapshot_flags(layer: keras.layers.Layer):
@@ -164,35 +166,42 @@ def _layer_problems(layer, record, tensors, adapter_name, lora) -> list[str]:
             f"layer '{path}' takes a {wrapper}; the adapter was saved for a "
             f"{record['wrapper']}"
         ]
+    settings = layer_settings(record)
+    if lora and rewrites_kernel(settings["init"]):
+        existing = layer.adapters.get(adapter_name)
+        if existing is None or existing.settings() != settings:
+            return [
+                f"layer '{path}': init={settings['init']!r} made the adapter for "
+                "a residual kernel; into a LoRA model it loads only over the "
+                f"adapter '{adapter_name}' it was trained as (same settings). "
+                "Save it with `for_original_base=True` to load it elsewhere"
+            ]
     try:
-        shapes = _factor_shapes(wrapper_class, base, adapter_name, _settings(record))
+        shapes = _parameter_shapes(wrapper_class, base, adapter_name, settings)
     except (TypeError, ValueError) as error:
         return [f"layer '{path}' cannot take the adapter: {error}"]
     return [
-        f"tensor '{key}' has shape {tensors[key].shape}; layer '{path}' needs {shape}"
-        for key, shape in zip(factor_keys(path), shapes, strict=True)
-        if tensors[key].shape != shape
+        f"tensor '{key}' has shape {tensors[key].shape}; layer '{path}' needs "
+        f"{shapes[name]}"
+        for name, key in adapter_keys(path, settings["use_dora"]).items()
+        if tensors[key].shape != shapes[name]
     ]
 
 
-def _factor_shapes(wrapper_class, base, adapter_name, settings):
-    """The factor shapes a wrapper with `settings` gives `base`, read from a
-    throw-away wrapper, which also runs every check the wrapper makes.
-    Wrapping freezes `base`; its flags are put back."""
+def _parameter_shapes(wrapper_class, base, adapter_name, settings):
+    """The parameter shapes (by name) a wrapper with `settings` gives `base`,
+    read from a throw-away wrapper, which also runs every check the wrapper
+    makes. Wrapping freezes `base`; its flags are put back, and a computed
+    init (PiSSA rewrites the kernel) is deferred, so never runs."""
     if not base.built:
         raise ValueError(f"layer '{base.name}' is not built")
     restore_flags = snapshot_flags(base)
     try:
-        probe = wrapper_class(
-            base, adapter_name=adapter_name, name=base.name, **settings
-        )
+        with deferred_initialization():
+            probe = wrapper_class(
+                base, adapter_name=adapter_name, name=base.name, **settings
+            )
     finally:
         restore_flags()
-    adapter = probe.adapters[adapter_name]
-    return tuple(adapter.lora_a.shape), tuple(adapter.lora_b.shape)
-
-
-def _settings(record) -> dict:
-    return {
-        key: value for key, value in record.items() if key not in ("path", "wrapper")
-    }
+    parameters = probe.adapters[adapter_name].parameters
+    return {name: tuple(variable.shape) for name, variable in parameters.items()}

@@ -41,7 +41,13 @@ class LoraConfig:
         exclude: the layers to leave out, in the same forms as `targets`.
         use_rslora: scale by `alpha / sqrt(rank)` (rank-stabilized LoRA).
         init: how the factors start: `"default"` (B zeros; Embedding: A zeros),
-            `"gaussian"` or `False` (both random, for tests).
+            `"gaussian"`, `"pissa"`, `"pissa_niter_K"` (K subspace iterations
+            of a randomized SVD), `"olora"`, `"orthogonal"` (even rank), or
+            `False` (both random, for tests). PiSSA and OLoRA replace the base
+            kernel by a residual; see `keras_lora.layers.initialization`.
+        use_dora: make every adapter DoRA (weight-decomposed: a trainable
+            magnitude per output unit, see `keras_lora.layers.dora`); peft's
+            `use_dora`. Like `use_rslora`, it applies to every selected layer.
         bias: which biases train: `"none"`, `"all"`, or `"lora_only"` (those of
             the adapted layers).
         train: layers kept fully trainable (peft's `modules_to_save`), given as
@@ -70,6 +76,7 @@ class LoraConfig:
     exclude: Target | Sequence[Target] | None = None
     use_rslora: bool = False
     init: str | bool = "default"
+    use_dora: bool = False
     bias: str = "none"
     train: tuple[str, ...] = ()
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
@@ -78,7 +85,12 @@ class LoraConfig:
 
     def __post_init__(self):
         validate_adapter_settings(
-            self.rank, self.alpha, self.dropout, self.use_rslora, self.init
+            self.rank,
+            self.alpha,
+            self.dropout,
+            self.use_rslora,
+            self.init,
+            self.use_dora,
         )
         if not (isinstance(self.bias, str) and self.bias in BIAS_MODES):
             raise ValueError(

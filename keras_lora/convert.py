@@ -16,6 +16,7 @@ from keras_lora.adapters import (
 from keras_lora.clone import rebuild
 from keras_lora.config import LoraConfig
 from keras_lora.layers.base import LoraLayer
+from keras_lora.layers.initialization import deferred_initialization, initialize
 from keras_lora.layers.registry import wrapper_for
 from keras_lora.quantization import dequantize_and_unload
 from keras_lora.targets import select
@@ -93,14 +94,19 @@ def convert(
     flags = _trainable_flags(model)
     trainable = trainable_ids(model)
     try:
-        replacements = {
-            id(sites[path].layer): _wrap(sites[path].layer, path, config)
-            for path in selected
-        }
+        # A computed init (PiSSA, OLoRA rewrite the kernel) runs once every
+        # layer is wrapped, so that a refused layer leaves the others as they were.
+        with deferred_initialization():
+            replacements = {
+                id(sites[path].layer): _wrap(sites[path].layer, path, config)
+                for path in selected
+            }
         new_model = rebuild(model, replacements)
     except Exception:
         _restore_flags(flags)
         raise
+    for wrapper in replacements.values():
+        initialize(wrapper, wrapper.adapters[config.adapter_name])
     freeze(new_model, config.bias, [candidates[path] for path in train])
     record_config(new_model, config)
     # A subclassed model is rewired in place: what Keras traced or built for
@@ -162,6 +168,7 @@ def _wrap(layer, path, config) -> LoraLayer:
         dropout=config.dropout,
         use_rslora=config.use_rslora,
         init=config.init,
+        use_dora=config.use_dora,
         adapter_name=config.adapter_name,
         name=layer.name,
     )
@@ -257,7 +264,9 @@ def merge_and_unload(
 
 def unload(model: keras.Model) -> keras.Model:
     """Returns the model without LoRA layers and without their updates: the
-    base model's outputs. Merged layers are unmerged first.
+    base model's outputs. Merged layers are unmerged first. As in peft, a
+    kernel that a PiSSA or OLoRA init replaced by a residual stays the
+    residual.
 
     Args:
         model: a LoRA model.

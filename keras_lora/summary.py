@@ -59,7 +59,7 @@ def print_trainable_parameters(model: keras.Model, per_layer: bool = False) -> N
                 ",".join(layer.active_adapters),
                 ",".join(str(a.rank) for a in adapters),
                 ",".join(f"{a.scale:g}" for a in adapters),
-                f"{sum(_size(a.lora_a) + _size(a.lora_b) for a in adapters):,d}",
+                f"{sum(_size(v) for a in adapters for v in a.parameters.values()):,d}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

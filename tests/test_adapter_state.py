@@ -14,6 +14,7 @@ SETTINGS = {
     "dropout": 0.0,
     "use_rslora": False,
     "init": "default",
+    "use_dora": False,
 }
 
 
@@ -44,6 +45,7 @@ def test_describes_checks_every_setting():
     assert describes(config, {"a": SETTINGS})
     assert not describes(config, {"a": {**SETTINGS, "dropout": 0.1}})
     assert not describes(config, {"a": {**SETTINGS, "rank": 2}})
+    assert not describes(config, {"a": {**SETTINGS, "use_dora": True}})
 
 
 class TwoNamesakes(keras.layers.Layer):

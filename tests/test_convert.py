@@ -13,6 +13,7 @@ from integration.inspection import (
     assert_same_snapshot,
     base_variables,
     snapshot,
+    trainable_by_layer,
     values,
 )
 from integration.models import (
@@ -432,7 +433,7 @@ def test_a_shared_layer_is_wrapped_once_and_stays_shared():
     hidden = wrapper(left)
     results = outputs(lora_model, [left, left])
     for head, result in zip(("left_head", "right_head"), results, strict=True):
-        expected = np.asarray(lora_model.get_layer(head)(hidden))
+        expected = keras.ops.convert_to_numpy(lora_model.get_layer(head)(hidden))
         np.testing.assert_allclose(result, expected, rtol=0, atol=1e-6)
 
 
@@ -468,8 +469,8 @@ def test_a_functional_subclass_keeps_its_class_methods_and_attributes():
     assert lora_model.transformer_layers[0] is block
     assert isinstance(block.self_attention._query_dense, keras_lora.LoraEinsumDense)
     np.testing.assert_allclose(
-        np.asarray(lora_model.embed(inputs)),
-        np.asarray(lora_model.token_embedding(inputs)),
+        keras.ops.convert_to_numpy(lora_model.embed(inputs)),
+        keras.ops.convert_to_numpy(lora_model.token_embedding(inputs)),
     )
     assert_outputs_differ(outputs(lora_model, inputs), base)
     assert lora_model.get_config()["base"]["config"]["width"] == WIDTH
@@ -532,8 +533,7 @@ def test_a_graph_built_by_a_subclassed_model_round_trips_with_its_adapters(
     loaded = keras.models.load_model(tmp_path / "tower.keras")
     assert list(keras_lora.lora_layers(loaded)) == ["tower/a", "tower/b"]
     assert_outputs_close(outputs(loaded, inputs), expected, atol=0)
-    trainable = sorted(v.path for v in lora_model.trainable_weights)
-    assert sorted(v.path for v in loaded.trainable_weights) == trainable
+    assert trainable_by_layer(loaded) == trainable_by_layer(lora_model)
     assert not loaded.tower.get_layer("norm").trainable
     assert not loaded.head.trainable
 
@@ -573,3 +573,26 @@ def test_converted_graph_keeps_the_model_dtype_policy_for_loss_scaling(
     assert lora_model.dtype_policy.name == "mixed_float16"
     lora_model.compile(optimizer="adam", loss="mse")
     assert isinstance(lora_model.optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+def test_adapter_variable_paths_are_unique_across_blocks():
+    # Two attention blocks each hold a `query` and a `value` layer; their
+    # adapters must not share a variable path (Keras' `get_state_tree` and
+    # `LayoutMap`s key variables by path).
+    inputs = keras.Input((SEQUENCE, WIDTH))
+    x = inputs
+    for index in range(2):
+        x = keras.layers.MultiHeadAttention(2, 4, name=f"block_{index}")(x, x)
+    lora_model = keras_lora.convert(
+        keras.Model(inputs, x), rank=2, targets=["query", "value"]
+    )
+    lora_model.compile(optimizer="sgd", loss="mse")
+    paths = sorted(v.path for v in lora_model.trainable_weights)
+    assert paths == sorted(
+        f"block_{index}/{layer}/default/{factor}"
+        for index in range(2)
+        for layer in ("query", "value")
+        for factor in ("lora_a", "lora_b")
+    )
+    state = lora_model.get_state_tree()["trainable_variables"]
+    assert sorted(state["block_0"]["query"]["default"]) == ["lora_a", "lora_b"]

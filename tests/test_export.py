@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from backends import saved_model_export, tfsm_layer
 
 import keras_lora
 
@@ -82,6 +83,7 @@ def exported(tmp_path_factory):
     return model, expected, before, root
 
 
+@saved_model_export
 def test_saved_models_reload_without_keras_lora(exported, tmp_path):
     _, expected, _, root = exported
     np.savez(tmp_path / "inputs.npz", **INPUTS)
@@ -100,6 +102,8 @@ def test_saved_models_reload_without_keras_lora(exported, tmp_path):
         np.testing.assert_allclose(reloaded[directory]["outputs"], expected, atol=1e-5)
 
 
+@saved_model_export
+@tfsm_layer
 def test_tfsm_layer_reloads_each_saved_model(exported):
     _, expected, _, root = exported
     for name in ("unmerged", "merged", "plain"):
@@ -107,6 +111,7 @@ def test_tfsm_layer_reloads_each_saved_model(exported):
         np.testing.assert_allclose(layer(INPUTS), expected, atol=1e-5)
 
 
+@saved_model_export
 def test_export_leaves_the_lora_model_as_it_was(exported):
     model, expected, before, _ = exported
     layers_after = keras_lora.lora_layers(model)
@@ -118,6 +123,7 @@ def test_export_leaves_the_lora_model_as_it_was(exported):
     np.testing.assert_allclose(outputs(model), expected, atol=1e-6)
 
 
+@saved_model_export
 def test_plain_saved_model_holds_no_adapter_variables(exported):
     _, _, _, root = exported
     names = [v.name for v in tf.saved_model.load(str(root / "plain")).variables]
@@ -136,6 +142,7 @@ class Block(keras.Model):
         return self.out(self.hidden(inputs))
 
 
+@saved_model_export
 def test_export_of_a_subclassed_model_puts_its_wrappers_back(tmp_path):
     keras.utils.set_random_seed(0)
     base = Block()
@@ -173,3 +180,84 @@ def test_export_refusals(tmp_path):
         keras_lora.export(quantized, tmp_path / "c")
     assert not quantized.get_layer("dense").merged
     assert not (tmp_path / "c").exists()
+
+
+# -- One SavedModel, several fine-tunes: `export_per_example` ------------------
+
+
+def two_adapter_model():
+    """`lora_model()` (Embedding and Dense adapted) plus a second adapter."""
+    model = lora_model()
+    config = keras_lora.LoraConfig(rank=3, init=False)
+    keras_lora.add_adapter(model, "task_b", config)
+    return model
+
+
+def outputs_with(model, adapter_name):
+    """The Keras model's outputs with one adapter active (or the base)."""
+    if adapter_name == "__base__":
+        with keras_lora.disable_adapters(model):
+            return outputs(model)
+    keras_lora.set_adapter(model, adapter_name)
+    result = outputs(model)
+    keras_lora.set_adapter(model, "default")
+    return result
+
+
+@saved_model_export
+def test_per_example_saved_model_serves_each_adapter(tmp_path):
+    model = two_adapter_model()
+    names = ["default", "task_b", "__base__"]
+    by_name = {name: outputs_with(model, name) for name in names}
+    before = outputs(model)
+    keras_lora.export_per_example(model, tmp_path / "multi", names, verbose=False)
+    loaded = tf.saved_model.load(str(tmp_path / "multi"))
+    signature = loaded.signatures["serving_default"]
+    specs = signature.structured_input_signature[1]
+    assert {key: spec.dtype.name for key, spec in specs.items()} == {
+        "ids": "int32",
+        "features": "float32",
+        "adapter_index": "int32",
+    }
+    for index in ([1, -1, 0], [2, 1, 1], [0, 0, 2]):
+        routed_to = ["__base__" if k < 0 else names[k] for k in index]
+        expected = np.stack([by_name[n][row] for row, n in enumerate(routed_to)])
+        index = np.array(index, "int32")
+        np.testing.assert_allclose(loaded.serve(INPUTS, index), expected, atol=1e-5)
+        (served,) = signature(**INPUTS, adapter_index=tf.constant(index)).values()
+        np.testing.assert_allclose(served, expected, atol=1e-5)
+    # The LoRA model is as it was: its active adapter for every example.
+    np.testing.assert_allclose(outputs(model), before, atol=1e-6)
+
+
+@saved_model_export
+def test_per_example_export_of_a_subclassed_model_needs_its_signature(tmp_path):
+    keras.utils.set_random_seed(0)
+    base = Block()
+    x = RNG.uniform(-1, 1, (3, 5)).astype("float32")
+    base(x)
+    model = keras_lora.convert(base, rank=2, init=False)
+    with pytest.raises(ValueError, match=r"pass `input_signature`"):
+        keras_lora.export_per_example(model, tmp_path / "a", ["default"])
+    assert not (tmp_path / "a").exists()
+    signature = [keras.InputSpec(shape=(None, 5), dtype="float32")]
+    keras_lora.export_per_example(
+        model, tmp_path / "b", ["default"], input_signature=signature, verbose=False
+    )
+    loaded = tf.saved_model.load(str(tmp_path / "b"))
+    index = np.array([0, -1, 0], "int32")
+    with keras_lora.disable_adapters(model):
+        base_outputs = outputs_of(model, x)
+    expected = np.where(index[:, None] < 0, base_outputs, outputs_of(model, x))
+    np.testing.assert_allclose(loaded.serve(x, index), expected, atol=1e-5)
+
+
+@saved_model_export
+def test_per_example_export_refusals_write_nothing(tmp_path):
+    model = two_adapter_model()
+    with pytest.raises(ValueError, match=r"\['task_c'\] are not"):
+        keras_lora.export_per_example(model, tmp_path / "a", ["default", "task_c"])
+    keras_lora.merge(model)
+    with pytest.raises(ValueError, match=r"merged adapters"):
+        keras_lora.export_per_example(model, tmp_path / "b", ["default"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import keras
 import numpy as np
+import pytest
 
 from keras_lora.layers import (
     LoraConv1D,
@@ -212,7 +213,8 @@ def run_layer_test(layer: LoraLayer, inputs, training=False) -> np.ndarray:
 
     Checks: the output shape is `compute_output_shape`'s, a symbolic call gives
     the same shape, every variable is listed once, the trainable variables are
-    exactly the active adapters' factors, and the base variables are frozen.
+    exactly the active adapters' parameters (factors, DoRA magnitude), and the
+    base variables are frozen.
 
     Returns:
         The eager output as a NumPy array.
@@ -227,7 +229,7 @@ def run_layer_test(layer: LoraLayer, inputs, training=False) -> np.ndarray:
     active = [
         variable
         for name in layer.active_adapters
-        for variable in (layer.adapters[name].lora_a, layer.adapters[name].lora_b)
+        for variable in layer.adapters[name].parameters.values()
     ]
     assert same_variables(layer.trainable_weights, active)
     assert not layer.layer.trainable
@@ -313,12 +315,16 @@ def model_around(layer: LoraLayer, case: Case) -> keras.Model:
     return keras.Model(inputs, layer(inputs))
 
 
-def fit_briefly(model: keras.Model, inputs, steps: int = 3, seed: int = 0):
+def fit_briefly(
+    model: keras.Model, inputs, steps: int = 3, seed: int = 0, jit_compile="auto"
+):
     """Fits `model` to random targets for `steps` full-batch steps (adam, mse);
-    returns the loss history."""
+    returns the loss history. `jit_compile` is passed to `compile`."""
     outputs = keras.ops.convert_to_numpy(model(inputs))
     targets = np.random.default_rng(seed).normal(size=outputs.shape)
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01), loss="mse", jit_compile=jit_compile
+    )
     history = model.fit(
         inputs, targets.astype("float32"), batch_size=len(inputs), epochs=steps
     )
@@ -329,6 +335,25 @@ def save_and_load(model: keras.Model, tmp_path) -> keras.Model:
     path = tmp_path / "model.keras"
     model.save(path)
     return keras.models.load_model(path)
+
+
+def traced(function: Callable) -> Callable:
+    """`function` compiled by the backend's tracer (`tf.function`, `jax.jit`),
+    so that its tensor arguments are symbolic while it is traced; skips the
+    test on other backends."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(function)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(function)
+    pytest.skip(
+        "traced with a symbolic tensor argument: `tf.function` on TensorFlow, "
+        f"`jax.jit` on JAX; the {backend} backend runs these tests eagerly"
+    )
 
 
 # -- NumPy references ----------------------------------------------------------

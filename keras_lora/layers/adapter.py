@@ -4,10 +4,57 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 
 import keras
 
-INIT_METHODS = ("default", "gaussian", False)
+# "pissa_niter_<K>" stands for "pissa_niter_0", "pissa_niter_1", ...: PiSSA
+# from a randomized SVD with K subspace iterations.
+INIT_METHODS = (
+    "default",
+    "gaussian",
+    "pissa",
+    "pissa_niter_<K>",
+    "olora",
+    "orthogonal",
+    False,
+)
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def is_init_method(init) -> bool:
+    """Whether `init` is one of `INIT_METHODS` (with K a non-negative integer).
+
+    Args:
+        init: a value passed as `init`.
+
+    Returns:
+        True if adapters accept it.
+    """
+    if init is False:
+        return True
+    if not isinstance(init, str) or init == "pissa_niter_<K>":
+        return False
+    return init in INIT_METHODS or _PISSA_NITER.fullmatch(init) is not None
+
+
+def pissa_iterations(init: str) -> int | None:
+    """The K of `"pissa_niter_K"`, or `None` for any other init."""
+    match = _PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
+    return int(match.group(1)) if match else None
+
+
+def computes_factors(init) -> bool:
+    """Whether `init` computes the factors from the layer (PiSSA, OLoRA,
+    orthogonal) rather than drawing them from an initializer."""
+    return isinstance(init, str) and (
+        init in ("pissa", "olora", "orthogonal") or pissa_iterations(init) is not None
+    )
+
+
+def rewrites_kernel(init) -> bool:
+    """Whether `init` replaces the base kernel by a residual (PiSSA, OLoRA)."""
+    return computes_factors(init) and init != "orthogonal"
 
 
 def validate_adapter_settings(
@@ -16,6 +63,7 @@ def validate_adapter_settings(
     dropout: float = 0.0,
     use_rslora: bool = False,
     init: str | bool = "default",
+    use_dora: bool = False,
 ) -> None:
     """Checks the settings every adapter shares, as `LoraConfig` does.
 
@@ -24,7 +72,8 @@ def validate_adapter_settings(
         alpha: the scaling numerator, a positive number, or `None` for `rank`.
         dropout: the dropout rate on the adapter input, in `[0, 1)`.
         use_rslora: whether the scale is `alpha / sqrt(rank)`.
-        init: one of `"default"`, `"gaussian"` or `False`.
+        init: one of `INIT_METHODS`; `"orthogonal"` needs an even rank.
+        use_dora: whether the adapter is DoRA (weight-decomposed).
 
     Raises:
         TypeError: if a value has the wrong type.
@@ -54,10 +103,18 @@ def validate_adapter_settings(
         raise TypeError(
             f"`use_rslora` must be a bool. Received: use_rslora={use_rslora!r}"
         )
-    if not (init is False or (isinstance(init, str) and init in INIT_METHODS)):
+    if not is_init_method(init):
         raise ValueError(
-            f"`init` must be one of {INIT_METHODS}. Received: init={init!r}"
+            f"`init` must be one of {INIT_METHODS}, K being a number of "
+            f"iterations (0, 1, ...). Received: init={init!r}"
         )
+    if init == "orthogonal" and rank % 2:
+        raise ValueError(
+            "init='orthogonal' needs an even `rank`: A and B each take half of "
+            f"an orthogonal basis. Received: rank={rank!r}"
+        )
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"`use_dora` must be a bool. Received: use_dora={use_dora!r}")
 
 
 def factor_initializers(
@@ -70,7 +127,10 @@ def factor_initializers(
     """Returns the initializers for `lora_a` and `lora_b`, as peft sets them.
 
     Args:
-        init: `"default"`, `"gaussian"` or `False` (both factors random).
+        init: `"default"`, `"gaussian"` or `False` (both factors random);
+            the methods that compute the factors (`computes_factors`) start
+            as `"default"` and are then set by
+            `keras_lora.layers.initialization`.
         rank: the adapter rank.
         a_shape: the shape of `lora_a`; every axis but the last is fan-in.
         b_shape: the shape of `lora_b`; its first axis is the rank.
@@ -113,7 +173,11 @@ class LoraAdapter(keras.layers.Layer):
         alpha: the scaling numerator; `None` means `rank`.
         dropout: dropout rate on the adapter input, applied only in training.
         use_rslora: scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
-        init: how the factors start: `"default"`, `"gaussian"` or `False`.
+        init: how the factors start, one of `INIT_METHODS`. PiSSA and OLoRA
+            also keep the factors they start from (`initial_lora_a`,
+            `initial_lora_b`, not trainable), see
+            `keras_lora.layers.initialization`.
+        use_dora: also hold a DoRA magnitude (see `keras_lora.layers.dora`).
         **kwargs: base layer arguments (`name` is the adapter name).
     """
 
@@ -124,17 +188,23 @@ class LoraAdapter(keras.layers.Layer):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str | bool = "default",
+        use_dora: bool = False,
         **kwargs,
     ):
-        validate_adapter_settings(rank, alpha, dropout, use_rslora, init)
+        validate_adapter_settings(rank, alpha, dropout, use_rslora, init, use_dora)
         super().__init__(**kwargs)
         self.rank = int(rank)
         self.alpha = float(alpha) if alpha is not None else float(rank)
         self.dropout = float(dropout)
         self.use_rslora = use_rslora
         self.init = init
+        self.use_dora = use_dora
         self.lora_a = None
         self.lora_b = None
+        self.initial_lora_a = None
+        self.initial_lora_b = None
+        self.lora_magnitude_vector = None
+        self.weight_norm = None
         self.dropout_layer = (
             keras.layers.Dropout(self.dropout, name="dropout", dtype=self.dtype_policy)
             if self.dropout
@@ -154,7 +224,9 @@ class LoraAdapter(keras.layers.Layer):
         b_shape: tuple[int, ...],
         zero_factor: str = "b",
     ) -> None:
-        """Creates `lora_a` and `lora_b` as float32 variables.
+        """Creates `lora_a` and `lora_b` as float32 variables (and, for an
+        init that rewrites the base kernel, `initial_lora_a` and
+        `initial_lora_b`, not trainable).
 
         Args:
             a_shape: the shape of `lora_a`.
@@ -170,7 +242,78 @@ class LoraAdapter(keras.layers.Layer):
         self.lora_b = self.add_weight(
             name="lora_b", shape=b_shape, initializer=b_initializer, dtype="float32"
         )
+        if rewrites_kernel(self.init):
+            self.initial_lora_a, self.initial_lora_b = (
+                self.add_weight(
+                    name=f"initial_{name}",
+                    shape=shape,
+                    initializer="zeros",
+                    dtype="float32",
+                    trainable=False,
+                )
+                for name, shape in (("lora_a", a_shape), ("lora_b", b_shape))
+            )
         self.built = True
+
+    def set_factors(self, lora_a, lora_b) -> None:
+        """Assigns `lora_a` and `lora_b` from arrays of their shapes.
+
+        Args:
+            lora_a: an array (or tensor) shaped like `lora_a`.
+            lora_b: an array (or tensor) shaped like `lora_b`.
+
+        Raises:
+            ValueError: if the factors are not created yet, or a shape differs;
+                nothing is assigned then.
+        """
+        if self.lora_a is None:
+            raise ValueError(
+                f"Adapter '{self.name}' has no factors yet: its layer is not "
+                "built. Build the layer before setting the factors."
+            )
+        pairs = ((self.lora_a, lora_a), (self.lora_b, lora_b))
+        for variable, value in pairs:
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"`{variable.name}` of adapter '{self.name}' has shape "
+                    f"{tuple(variable.shape)}. Received: {variable.name} of "
+                    f"shape {tuple(value.shape)}"
+                )
+        for variable, value in pairs:
+            variable.assign(keras.ops.cast(value, variable.dtype))
+
+    def create_magnitude(self, value) -> None:
+        """Creates the DoRA variables from the initial weight norm `value`.
+
+        `lora_magnitude_vector` (trainable, float32) starts at `value`;
+        `weight_norm` (not trainable) holds the norm a merge divided by, so
+        that unmerging can divide it back.
+
+        Args:
+            value: the column norm of the adapted kernel, one per output unit.
+        """
+        shape = tuple(value.shape)
+        self.lora_magnitude_vector = self.add_weight(
+            name="lora_magnitude_vector",
+            shape=shape,
+            initializer=lambda shape, dtype: keras.ops.cast(value, dtype),
+            dtype="float32",
+        )
+        self.weight_norm = self.add_weight(
+            name="weight_norm",
+            shape=shape,
+            initializer="ones",
+            dtype="float32",
+            trainable=False,
+        )
+
+    @property
+    def parameters(self) -> dict[str, keras.Variable]:
+        """The adapter's learned variables by name: `lora_a`, `lora_b` and,
+        with DoRA, `lora_magnitude_vector`; what an adapter file holds."""
+        names = ("lora_a", "lora_b", "lora_magnitude_vector")
+        variables = {name: getattr(self, name) for name in names}
+        return {name: v for name, v in variables.items() if v is not None}
 
     def apply_dropout(self, inputs, training=None):
         """Returns `inputs` after this adapter's dropout (identity at rate 0)."""
@@ -186,6 +329,7 @@ class LoraAdapter(keras.layers.Layer):
             "dropout": self.dropout,
             "use_rslora": self.use_rslora,
             "init": self.init,
+            "use_dora": self.use_dora,
         }
 
     def get_config(self):

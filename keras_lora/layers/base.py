@@ -9,7 +9,14 @@ import math
 import keras
 from keras import ops
 
+from keras_lora.layers import dora
 from keras_lora.layers.adapter import LoraAdapter
+from keras_lora.layers.adapter_routing import AdapterRouting, routing_for_call
+from keras_lora.layers.initialization import (
+    check_init,
+    deferred_initialization,
+    initialize,
+)
 from keras_lora.tracking import substituted_variable, unlocked_state
 
 
@@ -24,7 +31,12 @@ class LoraLayer(keras.layers.Wrapper):
 
     Subclasses name the Keras class they adapt in `base_class` and implement
     three hooks: `factor_shapes(rank)`, `adapter_output(x, lora_a, lora_b)` and
-    `delta(lora_a, lora_b)`; this class does the rest.
+    `delta(lora_a, lora_b)`; this class does the rest. DoRA needs two more,
+    `norm_axes` and `output_layout(values, ndim)` (see `keras_lora.layers.dora`).
+    The computed inits and combinations read the kernel as a matrix through
+    `kernel_matrix(kernel)` and `check_matrix_view(operation)`. The class
+    methods `kernel_of(layer)` and `factor_axes(layer, kernel_axes)` have
+    defaults for kernels laid out inputs first, outputs last.
 
     Args:
         layer: the Keras layer to adapt, built or not. It is frozen.
@@ -32,8 +44,13 @@ class LoraLayer(keras.layers.Wrapper):
         alpha: scaling numerator of the first adapter; `None` means `rank`.
         dropout: dropout rate on the adapter input, in `[0, 1)`, training only.
         use_rslora: scale by `alpha / sqrt(rank)` (rank-stabilised LoRA).
-        init: `"default"` (peft's `init_lora_weights=True`), `"gaussian"`, or
-            `False` (both factors random, for tests).
+        init: `"default"` (peft's `init_lora_weights=True`), `"gaussian"`,
+            `"pissa"`, `"pissa_niter_K"`, `"olora"`, `"orthogonal"` (see
+            `keras_lora.layers.initialization`; PiSSA and OLoRA replace the
+            base kernel by a residual), or `False` (both factors random).
+        use_dora: make the adapter DoRA (Liu et al. 2024, arXiv 2402.09353): a
+            trainable magnitude per output unit rescales the adapted kernel
+            `W + scale * delta` to unit column norm times the magnitude.
         adapter_name: name of the first adapter.
         **kwargs: base layer arguments such as `name`.
 
@@ -41,6 +58,12 @@ class LoraLayer(keras.layers.Wrapper):
         inputs: the wrapped layer's inputs.
         training: Python bool; dropout runs only in training. Training a
             merged layer raises `ValueError`: unmerge it first.
+        adapter_names: inference only: one adapter name per example
+            (`"__base__"` for none), or with `adapter_index` the names it
+            indexes; each example then uses its own adapter, whatever is
+            active (see `keras_lora.adapter_per_example`).
+        adapter_index: integers of shape `(batch,)` into `adapter_names`,
+            `-1` for the base layer; a tensor inside a traced function.
 
     Example:
 
@@ -65,6 +88,7 @@ class LoraLayer(keras.layers.Wrapper):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str | bool = "default",
+        use_dora: bool = False,
         adapter_name: str = "default",
         **kwargs,
     ):
@@ -81,7 +105,7 @@ class LoraLayer(keras.layers.Wrapper):
         self._active_adapters = []
         self._merged_adapters = []
         self._adapters_enabled = True
-        self.add_adapter(adapter_name, rank, alpha, dropout, use_rslora, init)
+        self.add_adapter(adapter_name, rank, alpha, dropout, use_rslora, init, use_dora)
         self._activate([adapter_name])
         if layer.built:
             # A layer built without an input shape (`Embedding.build()`) has
@@ -96,7 +120,10 @@ class LoraLayer(keras.layers.Wrapper):
                 self._create_factors(adapter)
         self._apply_trainable_base_weights()
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, adapter_names=None, adapter_index=None):
+        routing = routing_for_call(self, adapter_names, adapter_index)
+        if routing is not None:
+            return self._call_per_example(inputs, routing, training)
         if self._merged_adapters:
             if training:
                 raise ValueError(
@@ -121,15 +148,11 @@ class LoraLayer(keras.layers.Wrapper):
         for name in self._active_adapters:
             adapter = self._adapters[name]
             x = adapter.apply_dropout(inputs, training=training)
-            lora_b = ops.cast(adapter.lora_b, self.compute_dtype)
-            if adapter.scale != 1.0:
-                # Every adapter output is linear in B: scaling the small factor
-                # saves a pass over the full-size output.
-                lora_b = lora_b * adapter.scale
-            update = self.adapter_output(
-                x, ops.cast(adapter.lora_a, self.compute_dtype), lora_b
-            )
-            outputs = ops.add(outputs, ops.cast(update, outputs.dtype))
+            update = self._factorised_update(adapter, x)
+            if adapter.use_dora:
+                outputs = dora.output(self, adapter, outputs, x, update, training)
+            else:
+                outputs = ops.add(outputs, ops.cast(update, outputs.dtype))
         return activation(outputs) if activation is not None else outputs
 
     def compute_output_shape(self, input_shape):
@@ -197,6 +220,9 @@ class LoraLayer(keras.layers.Wrapper):
         """
         names = self._active_adapters if adapter_names is None else adapter_names
         merged = self.merged_kernel(names, safe=safe)
+        for name in names:
+            if self._adapters[name].use_dora:
+                dora.remember_norm(self, self._adapters[name])
         kernel = self.kernel_variable
         kernel.assign(ops.cast(merged, kernel.dtype))
         self._merged_adapters = list(names)
@@ -255,12 +281,19 @@ class LoraLayer(keras.layers.Wrapper):
         kernel = self.kernel_variable
         restored = ops.cast(kernel, "float32")
         for name in reversed(self._merged_adapters):
-            restored = restored - self._scaled_delta(name)
+            adapter = self._adapters[name]
+            if adapter.use_dora:
+                restored = dora.unmerged_kernel(self, adapter, restored)
+            else:
+                restored = restored - self._scaled_delta(name)
         kernel.assign(ops.cast(restored, kernel.dtype))
         self._merged_adapters = []
 
     def get_delta_weight(self, adapter_name: str | None = None):
         """Returns `scale * delta` of one adapter, in the base kernel's layout.
+
+        For a DoRA adapter this is its low-rank part only, as in peft; merging
+        it also rescales the kernel by its magnitude (see `merged_kernel`).
 
         Args:
             adapter_name: the adapter; `None` means the active one.
@@ -280,16 +313,21 @@ class LoraLayer(keras.layers.Wrapper):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str | bool = "default",
+        use_dora: bool = False,
     ) -> None:
         """Adds a new adapter with its own settings; it is inactive (and not
         trainable) until `set_adapter` names it.
 
         Args:
             adapter_name: a new name.
-            rank, alpha, dropout, use_rslora, init: as in the constructor.
+            rank, alpha, dropout, use_rslora, init, use_dora: as in the
+                constructor.
 
         Raises:
-            ValueError: if the name exists or a setting is invalid.
+            ValueError: if the name exists or a setting is invalid, DoRA is
+                asked of a quantized base or a layer type without DoRA hooks,
+                or the init cannot apply (see
+                `keras_lora.layers.initialization.check_init`).
         """
         if not isinstance(adapter_name, str) or not adapter_name:
             raise ValueError(
@@ -308,18 +346,20 @@ class LoraLayer(keras.layers.Wrapper):
             dropout,
             use_rslora,
             init,
+            use_dora,
             name=adapter_name,
             dtype=self.dtype_policy,
         )
         # After LoraAdapter validated the settings, so the hook gets a plain
         # int whatever integer type was passed (np.int64 from a config).
         self.check_rank(adapter.rank)
+        check_init(self, adapter)
+        if use_dora:
+            dora.check_supported(self)
         adapter.trainable = False
         with unlocked_state(self):
             if self.built:
-                # Later adapters get the wrapper's variable path, as the first.
-                with keras.name_scope(self.path or self.name):
-                    self._create_factors(adapter)
+                self._create_factors(adapter)
             self._adapters[adapter_name] = adapter
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
@@ -375,7 +415,12 @@ class LoraLayer(keras.layers.Wrapper):
     @property
     def kernel_variable(self) -> keras.Variable:
         """The base variable `merge()` writes: the wrapped layer's kernel."""
-        return self.layer.kernel
+        return self.kernel_of(self.layer)
+
+    @classmethod
+    def kernel_of(cls, layer: keras.layers.Layer) -> keras.Variable:
+        """Hook: the variable of a built base layer that adapters update."""
+        return layer.kernel
 
     def check_rank(self, rank: int) -> None:
         """Hook: refuses a rank this layer type cannot use (e.g. conv groups)."""
@@ -384,6 +429,23 @@ class LoraLayer(keras.layers.Wrapper):
         """Hook: the shapes of `lora_a` and `lora_b` for a built base layer."""
         raise NotImplementedError
 
+    @classmethod
+    def factor_axes(
+        cls, layer: keras.layers.Layer, kernel_axes: tuple[str | None, ...]
+    ) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
+        """Hook: the device-mesh axes of `lora_a` and `lora_b` when the base
+        kernel is laid out on `kernel_axes` (one mesh axis name or `None` per
+        kernel axis).
+
+        A factor axis that stands for a kernel axis takes that axis's layout;
+        the rank axis and size-1 axes are replicated. This default serves
+        kernels whose last axis is the output and the others the input
+        (Dense, Conv, Embedding): `lora_a` mirrors all but the last kernel
+        axis, `lora_b` the last.
+        """
+        *inputs, output = kernel_axes
+        return (*inputs, None), (*[None] * len(inputs), output)
+
     def adapter_output(self, x, lora_a, lora_b):
         """Hook: the unscaled adapter output, computed factorised."""
         raise NotImplementedError
@@ -391,6 +453,41 @@ class LoraLayer(keras.layers.Wrapper):
     def delta(self, lora_a, lora_b):
         """Hook: the unscaled full-size update in the base kernel's layout."""
         raise NotImplementedError
+
+    def kernel_matrix(self, kernel):
+        """Hook: `kernel` (in the base kernel's layout) as the
+        `(fan_in, fan_out)` matrix on which `delta(A, B)` is `A @ B`, `A`
+        reshaped to `(fan_in, rank)` and `B` to `(rank, fan_out)`. The default
+        serves kernels whose last axis is the output and the others the input
+        (Dense, Conv, Embedding)."""
+        return ops.reshape(kernel, (-1, kernel.shape[-1]))
+
+    def check_matrix_view(self, operation: str) -> None:
+        """Hook: refuses `operation` (an init or a combination that works on
+        `kernel_matrix`) if the update is not one matrix (grouped conv)."""
+
+    @property
+    def norm_axes(self) -> tuple[int, ...] | None:
+        """Hook: the kernel axes DoRA's weight norm reduces (the input axes);
+        the other axes are the output units, one magnitude entry each. `None`
+        (the default) means the layer type does not support DoRA."""
+        return None
+
+    def output_layout(self, values, ndim: int):
+        """Hook: a tensor with one entry per output unit (the kernel's shape
+        without `norm_axes`), laid out to broadcast against outputs of rank
+        `ndim`. The default serves outputs whose last axes are the units."""
+        return values
+
+    def output_bias(self):
+        """Hook: the wrapped layer's bias as its call adds it to the outputs
+        (broadcastable against them), or `None`."""
+        return getattr(self.layer, "bias", None)
+
+    def base_output(self, inputs, training=None):
+        """The wrapped layer's output on `inputs`, before its activation."""
+        with _without_activation(self.layer):
+            return self.layer(inputs, training=training)
 
     def get_config(self):
         base_config = super().get_config()
@@ -438,9 +535,11 @@ class LoraLayer(keras.layers.Wrapper):
         enabled = config.pop("adapters_enabled")
         trainable_base_weights = config.pop("trainable_base_weights", [])
         (first, first_settings), *others = adapters.items()
-        wrapper = cls(layer, adapter_name=first, **first_settings, **config)
-        for name, settings in others:
-            wrapper.add_adapter(name, **settings)
+        # The saved kernel and factors are the initialised ones already.
+        with deferred_initialization():
+            wrapper = cls(layer, adapter_name=first, **first_settings, **config)
+            for name, settings in others:
+                wrapper.add_adapter(name, **settings)
         wrapper.set_adapter(active)
         wrapper._merged_adapters = list(merged)
         wrapper._adapters_enabled = enabled
@@ -528,12 +627,27 @@ class LoraLayer(keras.layers.Wrapper):
 
     def _create_factors(self, adapter: LoraAdapter) -> None:
         a_shape, b_shape = self.factor_shapes(adapter.rank)
-        adapter.create_factors(a_shape, b_shape, self.zero_factor)
+        # The factors sit next to the base kernel, wherever the wrapper is
+        # built ("block/query/kernel" -> "block/query/<adapter>/lora_a"), so
+        # that variable paths are unique and `LayoutMap` rules can find them.
+        parent, _, name = adapter_scope(self.layer).rpartition("/")
+        with keras.name_scope(name, override_parent=parent):
+            adapter.create_factors(a_shape, b_shape, self.zero_factor)
+            initialize(self, adapter)
+            if adapter.use_dora:
+                # From the factors as initialised, over the base kernel as the
+                # adapter will see it.
+                adapter.create_magnitude(dora.weight_norm(self, adapter))
 
     def _kernel_plus(self, names):
-        """The base kernel plus the scaled deltas of `names`, in float32."""
+        """The base kernel plus the scaled deltas of `names`, in float32; a
+        DoRA adapter also rescales what is folded in before it."""
         kernel = ops.cast(self.kernel_variable, "float32")
         for name in names:
+            adapter = self._adapters[name]
+            if adapter.use_dora:
+                kernel = dora.merged_kernel(self, adapter, kernel)
+                continue
             # Inside a mixed-precision call, the factors read in the compute
             # dtype, and so does their delta.
             kernel = kernel + ops.cast(self._scaled_delta(name), "float32")
@@ -550,18 +664,51 @@ class LoraLayer(keras.layers.Wrapper):
         through a Dense layer, a convolution over an image, but never one
         embedding lookup. Either way the layer computes the same function (to
         float32 rounding); symbolic shapes and quantized bases always take the
-        factorised path.
+        factorised path. A symbolic size is `None` (TensorFlow) or a symbolic
+        dimension object (JAX's shape polymorphism, used by `model.export`),
+        whose comparisons may be undecidable, so any size that is not an
+        `int` counts as unknown.
         """
         if getattr(self.layer, "quantization_mode", None):
             return False
         output_shape = self.compute_output_shape(tuple(inputs.shape))
-        if any(size is None for size in output_shape):
+        if not all(isinstance(size, int) for size in output_shape):
             return False
         return math.prod(output_shape) >= math.prod(self.kernel_variable.shape)
 
     def _scaled_delta(self, name: str):
         adapter = self._adapters[name]
         return self.delta(adapter.lora_a, adapter.lora_b) * adapter.scale
+
+    def _factorised_update(self, adapter: LoraAdapter, x):
+        """`scale * B(A(x))` of one adapter, in the compute dtype."""
+        lora_b = ops.cast(adapter.lora_b, self.compute_dtype)
+        if adapter.scale != 1.0:
+            # Every adapter output is linear in B: scaling the small factor
+            # saves a pass over the full-size output.
+            lora_b = lora_b * adapter.scale
+        return self.adapter_output(
+            x, ops.cast(adapter.lora_a, self.compute_dtype), lora_b
+        )
+
+    def _call_per_example(self, inputs, routing: AdapterRouting, training):
+        """Each example through the adapter `routing` gives it, as peft's
+        `_mixed_batch_forward`; see `keras_lora.layers.adapter_routing`."""
+        routing.check(self, inputs, training)
+        with _without_activation(self.layer) as activation:
+            outputs = self.layer(inputs, training=training)
+        for position, name in routing.adapters():
+            update = self._factorised_update(self._adapters[name], inputs)
+            update = routing.select(position, ops.cast(update, outputs.dtype))
+            outputs = ops.add(outputs, update)
+        return activation(outputs) if activation is not None else outputs
+
+
+def adapter_scope(layer: keras.layers.Layer) -> str:
+    """The path under which adapters of a built base layer create their
+    variables: the base layer's own (`"block/query"` for a kernel at
+    `"block/query/kernel"`)."""
+    return layer.path or layer.name
 
 
 def _unquantized_policy(policy):

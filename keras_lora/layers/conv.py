@@ -19,12 +19,13 @@ class LoraConv(LoraLayer):
     where `conv_A` has the base's kernel size, strides, padding, dilation and
     groups, with kernel `(k..., in / groups, rank)`, and `conv_B` is a 1x1
     convolution with kernel `(1..., rank / groups, filters)`. With groups,
-    `rank` must be divisible by `groups`, as in peft.
+    `rank` must be divisible by `groups`, as in peft. With DoRA the magnitude
+    has one entry per filter, the norm running over all other kernel axes.
 
     Args:
         layer: the convolution layer to adapt, built or not.
-        rank, alpha, dropout, use_rslora, init, adapter_name: the first adapter,
-            see `keras_lora.layers.LoraLayer`.
+        rank, alpha, dropout, use_rslora, init, use_dora, adapter_name: the
+            first adapter, see `keras_lora.layers.LoraLayer`.
         **kwargs: base layer arguments such as `name`.
 
     Call arguments:
@@ -40,11 +41,35 @@ class LoraConv(LoraLayer):
                 f"`rank` must be divisible by it. Received: rank={rank}"
             )
 
+    def check_matrix_view(self, operation):
+        groups = self.layer.groups
+        if groups > 1:
+            raise ValueError(
+                f"{type(self).__name__} '{self.layer.name}' has groups={groups}: "
+                "its update is one matrix per group, not one (fan_in x fan_out) "
+                f"matrix, so it does not support {operation}. Received: "
+                f"{operation} on a layer with groups={groups}"
+            )
+
     def factor_shapes(self, rank):
         *kernel_size, in_per_group, filters = self.kernel_variable.shape
         groups = self.layer.groups
         ones = (1,) * len(kernel_size)
         return (*kernel_size, in_per_group, rank), (*ones, rank // groups, filters)
+
+    @property
+    def norm_axes(self):
+        # Every kernel axis but the filters: the spatial ones and the inputs.
+        return tuple(range(self.layer.rank + 1))
+
+    def output_layout(self, values, ndim):
+        if self.layer.data_format == "channels_first":
+            return ops.reshape(values, (-1, *[1] * (ndim - 2)))
+        return values
+
+    def output_bias(self):
+        bias = super().output_bias()
+        return None if bias is None else self.output_layout(bias, self.layer.rank + 2)
 
     def adapter_output(self, x, lora_a, lora_b):
         base = self.layer
@@ -87,8 +112,8 @@ class LoraConv1D(LoraConv):
 
     Args:
         layer: the `keras.layers.Conv1D` layer to adapt, built or not.
-        rank, alpha, dropout, use_rslora, init, adapter_name: the first adapter,
-            see `keras_lora.layers.LoraLayer`.
+        rank, alpha, dropout, use_rslora, init, use_dora, adapter_name: the
+            first adapter, see `keras_lora.layers.LoraLayer`.
         **kwargs: base layer arguments such as `name`.
 
     Example:
@@ -109,8 +134,8 @@ class LoraConv2D(LoraConv):
 
     Args:
         layer: the `keras.layers.Conv2D` layer to adapt, built or not.
-        rank, alpha, dropout, use_rslora, init, adapter_name: the first adapter,
-            see `keras_lora.layers.LoraLayer`.
+        rank, alpha, dropout, use_rslora, init, use_dora, adapter_name: the
+            first adapter, see `keras_lora.layers.LoraLayer`.
         **kwargs: base layer arguments such as `name`.
 
     Example:
@@ -131,8 +156,8 @@ class LoraConv3D(LoraConv):
 
     Args:
         layer: the `keras.layers.Conv3D` layer to adapt, built or not.
-        rank, alpha, dropout, use_rslora, init, adapter_name: the first adapter,
-            see `keras_lora.layers.LoraLayer`.
+        rank, alpha, dropout, use_rslora, init, use_dora, adapter_name: the
+            first adapter, see `keras_lora.layers.LoraLayer`.
         **kwargs: base layer arguments such as `name`.
 
     Example:

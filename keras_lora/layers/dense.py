@@ -17,8 +17,8 @@ class LoraDense(LoraLayer):
 
     Args:
         layer: the `keras.layers.Dense` layer to adapt, built or not.
-        rank, alpha, dropout, use_rslora, init, adapter_name: the first adapter,
-            see `keras_lora.layers.LoraLayer`.
+        rank, alpha, dropout, use_rslora, init, use_dora, adapter_name: the
+            first adapter, see `keras_lora.layers.LoraLayer`.
         **kwargs: base layer arguments such as `name`.
 
     Call arguments:
@@ -37,6 +37,10 @@ class LoraDense(LoraLayer):
     def factor_shapes(self, rank):
         input_dim, units = self.kernel_variable.shape
         return (input_dim, rank), (rank, units)
+
+    @property
+    def norm_axes(self):
+        return (0,)
 
     def adapter_output(self, x, lora_a, lora_b):
         return ops.matmul(ops.matmul(x, lora_a), lora_b)

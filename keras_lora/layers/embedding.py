@@ -19,8 +19,10 @@ class LoraEmbedding(LoraLayer):
 
     Args:
         layer: the `keras.layers.Embedding` layer to adapt, built or not.
-        rank, alpha, use_rslora, init, adapter_name: the first adapter, see
-            `keras_lora.layers.LoraLayer`.
+        rank, alpha, use_rslora, init, use_dora, adapter_name: the first
+            adapter, see `keras_lora.layers.LoraLayer`. With DoRA the
+            magnitude has one entry per embedding dimension, the norm running
+            over the vocabulary (peft's `DoraEmbeddingLayer`).
         dropout: must be 0; embedding adapters take no dropout.
         **kwargs: base layer arguments such as `name`.
 
@@ -45,21 +47,28 @@ class LoraEmbedding(LoraLayer):
         dropout=0.0,
         use_rslora=False,
         init="default",
+        use_dora=False,
     ):
         if dropout:
             raise ValueError(
                 "LoraEmbedding takes no dropout: its inputs are integer ids. "
                 f"Received: dropout={dropout!r}"
             )
-        super().add_adapter(adapter_name, rank, alpha, dropout, use_rslora, init)
+        super().add_adapter(
+            adapter_name, rank, alpha, dropout, use_rslora, init, use_dora
+        )
 
-    @property
-    def kernel_variable(self):
-        return self.layer.embeddings
+    @classmethod
+    def kernel_of(cls, layer):
+        return layer.embeddings
 
     def factor_shapes(self, rank):
         input_dim, output_dim = self.kernel_variable.shape
         return (input_dim, rank), (rank, output_dim)
+
+    @property
+    def norm_axes(self):
+        return (0,)
 
     def adapter_output(self, x, lora_a, lora_b):
         if "int" not in str(x.dtype):

@@ -28,8 +28,12 @@ BAD_SETTINGS = [
     ("dropout", 1.0, "`dropout` must be a number in \\[0, 1\\)"),
     ("dropout", -0.1, "`dropout` must be a number in \\[0, 1\\)"),
     ("dropout", "0.1", "`dropout` must be a number in \\[0, 1\\)"),
-    ("init", "foo", "`init` must be one of \\('default', 'gaussian', False\\)"),
-    ("init", True, "`init` must be one of \\('default', 'gaussian', False\\)"),
+    ("init", "foo", "`init` must be one of \\('default', 'gaussian', 'pissa'"),
+    ("init", True, "`init` must be one of \\('default', 'gaussian', 'pissa'"),
+    ("init", "pissa_niter_<K>", "`init` must be one of"),
+    ("init", "pissa_niter_", "`init` must be one of"),
+    ("init", "pissa_niter_-1", "`init` must be one of"),
+    ("init", "PiSSA", "`init` must be one of"),
 ]
 bad_settings = pytest.mark.parametrize(
     "argument, value, message",
@@ -81,7 +85,9 @@ def test_scale_is_alpha_over_rank_or_over_sqrt_rank():
 
 
 def test_adapter_config_round_trips():
-    adapter = LoraAdapter(rank=3, alpha=5.0, dropout=0.2, use_rslora=True, init=False)
+    adapter = LoraAdapter(
+        rank=3, alpha=5.0, dropout=0.2, use_rslora=True, init=False, use_dora=True
+    )
     restored = LoraAdapter.from_config(adapter.get_config())
     assert (
         restored.settings()
@@ -92,6 +98,7 @@ def test_adapter_config_round_trips():
             "dropout": 0.2,
             "use_rslora": True,
             "init": False,
+            "use_dora": True,
         }
     )
 

@@ -319,6 +319,24 @@ def test_disabled_adapters_give_the_base_output(case):
     np.testing.assert_array_equal(numpy(wrapper(x)), adapted)
 
 
+@cases
+@pytest.mark.parametrize("built", [True, False], ids=["built", "unbuilt"])
+def test_adapter_variables_sit_next_to_the_base_kernel(case, built):
+    wrapper = case.wrap(built=built)
+    if not built:
+        with keras.name_scope("outer"):
+            wrapper(case.inputs())
+    wrapper.add_adapter("second", rank=2)
+    scope = wrapper.layer.path
+    assert wrapper.kernel_variable.path.rpartition("/")[0] == scope
+    assert [v.path for v in adapter_variables(wrapper, "default", "second")] == [
+        f"{scope}/default/lora_a",
+        f"{scope}/default/lora_b",
+        f"{scope}/second/lora_a",
+        f"{scope}/second/lora_b",
+    ]
+
+
 # -- Saving --------------------------------------------------------------------
 
 
@@ -380,48 +398,6 @@ def test_keras_file_round_trip_keeps_outputs_and_adapter_state(case, state, tmp_
         numpy(restored.kernel_variable), numpy(wrapper.kernel_variable)
     )
     np.testing.assert_array_equal(numpy(loaded(x)), numpy(model(x)))
-
-
-# -- Mixed precision -----------------------------------------------------------
-
-
-@type_cases
-@pytest.mark.parametrize(
-    "policy", ["mixed_float16", "mixed_bfloat16", "bfloat16_base_layer"]
-)
-def test_mixed_precision_keeps_float32_factors_and_trains(case, policy, dtype_policy):
-    if policy == "bfloat16_base_layer":
-        base = case.base(dtype="bfloat16")
-        compute_dtype = "bfloat16"
-    else:
-        dtype_policy(policy)
-        base = case.base()
-        compute_dtype = policy.removeprefix("mixed_")
-    x = case.inputs()
-    expected = base(x)
-    dropout = 0.1 if case.supports_dropout else 0.0
-    wrapper = case.wrapper(base, rank=RANK, dropout=dropout)
-
-    outputs = wrapper(x)
-    assert keras.backend.standardize_dtype(outputs.dtype) == compute_dtype
-    assert wrapper.compute_dtype == compute_dtype
-    for variable in adapter_variables(wrapper, "default"):
-        assert variable.dtype == "float32"
-    np.testing.assert_allclose(
-        numpy(keras.ops.cast(outputs, "float32")),
-        numpy(keras.ops.cast(expected, "float32")),
-        rtol=0,
-        atol=1e-6,
-    )
-
-    model = model_around(wrapper, case)
-    base_before = [numpy(variable) for variable in wrapper.layer.weights]
-    losses = fit_briefly(model, x, steps=2)
-    assert np.all(np.isfinite(losses))
-    for variable, before in zip(wrapper.layer.weights, base_before, strict=True):
-        assert np.array_equal(numpy(variable), before), variable.path
-    for variable in adapter_variables(wrapper, "default"):
-        assert variable.dtype == "float32"
 
 
 # -- Bad input -----------------------------------------------------------------
