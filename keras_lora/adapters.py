@@ -216,13 +216,7 @@ def set_adapter(model: keras.Model, adapter_names: str | list[str]) -> None:
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     layers = _require_lora_layers(model)
     _check_unmerged(model, layers, "set the adapter")
-    known = {name for layer in layers.values() for name in layer.adapter_names}
-    unknown = [name for name in names if name not in known]
-    if unknown or not names:
-        raise ValueError(
-            f"`adapter_names` must name adapters of model '{model.name}': "
-            f"{sorted(known)}. Received: adapter_names={adapter_names!r}"
-        )
+    check_adapter_names(model, layers, "adapter_names", names, adapter_names)
     trainable = trainable_ids(model)
     for layer in layers.values():
         own = [name for name in names if name in layer.adapters]
@@ -284,6 +278,27 @@ def check_model(model) -> None:
         raise TypeError(
             f"`model` must be a keras.Model. Received: model={model!r} of type "
             f"{type(model).__name__}"
+        )
+
+
+def check_adapter_names(model, layers, argument: str, names, received) -> None:
+    """Refuses an empty `names` or one no LoRA layer of `model` holds.
+
+    Args:
+        model: the model, for the message.
+        layers: its LoRA layers, path to layer.
+        argument: the argument's name, for the message.
+        names: the adapter names to check.
+        received: the argument as the caller passed it, for the message.
+
+    Raises:
+        ValueError: if `names` is empty or holds an unknown name.
+    """
+    known = {name for layer in layers.values() for name in layer.adapter_names}
+    if not names or any(name not in known for name in names):
+        raise ValueError(
+            f"`{argument}` must name adapters of model '{model.name}': "
+            f"{sorted(known)}. Received: {argument}={received!r}"
         )
 
 

@@ -28,6 +28,7 @@ from keras import ops
 
 from keras_lora.adapter_state import config_for_layers
 from keras_lora.adapters import (
+    check_adapter_names,
     check_model,
     lora_layers,
     record_config,
@@ -137,13 +138,7 @@ def _check_arguments(model, layers, adapters, weights, rank):
             "`adapters` must be a list of adapter names. "
             f"Received: adapters={adapters!r}"
         )
-    known = {name for layer in layers.values() for name in layer.adapter_names}
-    unknown = [name for name in adapters if name not in known]
-    if unknown or not adapters:
-        raise ValueError(
-            f"`adapters` must name adapters of model '{model.name}': "
-            f"{sorted(known)}. Received: adapters={adapters!r}"
-        )
+    check_adapter_names(model, layers, "adapters", adapters, adapters)
     if isinstance(weights, str) or not isinstance(weights, Sequence):
         raise TypeError(
             f"`weights` must be a list of numbers. Received: weights={weights!r}"
