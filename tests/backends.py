@@ -3,7 +3,8 @@
 The suite runs under `KERAS_BACKEND=tensorflow`, `jax` and `torch`
 (`.ci/run` runs all three). keras_lora itself uses `keras.ops` only; these
 markers skip the few tests of Keras features that are not on every backend,
-and each reason names the feature.
+and the distributed scenarios that run once, in one backend's pass; each
+reason names the feature.
 """
 
 import keras
@@ -35,4 +36,23 @@ xla_fit = pytest.mark.skipif(
     reason="`jit_compile=True` in `fit` is XLA on TensorFlow and JAX; Keras' torch "
     "backend runs torch.compile instead, which trains too but compiles for "
     "15-45 s per model on 2 CPU cores",
+)
+
+symbolic_tracing = pytest.mark.skipif(
+    BACKEND not in ("tensorflow", "jax"),
+    reason="traced with a symbolic tensor argument: `tf.function` on TensorFlow, "
+    f"`jax.jit` on JAX; the {BACKEND} backend runs these tests eagerly",
+)
+
+tensorflow_distribute = pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="runs once, in the TensorFlow-backend run (the scenario starts its own "
+    "TensorFlow processes)",
+)
+
+# Where jax is installed: the outer Keras backend is JAX (Keras imports it).
+jax_distribution = pytest.mark.skipif(
+    BACKEND != "jax",
+    reason="runs once, in the JAX-backend run (the scenario starts its own JAX "
+    "process with two host devices)",
 )

@@ -6,6 +6,7 @@ with its adapter active, eagerly, traced with an index tensor and through
 import keras
 import numpy as np
 import pytest
+from backends import symbolic_tracing
 from integration.inspection import assert_same_snapshot, snapshot
 from integration.models import MODEL_KINDS, SAMPLES, outputs
 from testing import traced
@@ -66,6 +67,7 @@ def test_mixed_batch_equals_each_example_alone(kind):
 
 
 @kinds
+@symbolic_tracing
 def test_traced_function_takes_the_index_as_a_tensor(kind):
     model, inputs = two_adapter_model(kind)
 

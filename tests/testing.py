@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import keras
 import numpy as np
-import pytest
 
 from keras_lora.layers import (
     LoraConv1D,
@@ -331,6 +330,26 @@ def fit_briefly(
     return history.history["loss"]
 
 
+def assert_fit_changes_only(model: keras.Model, inputs, trained, frozen) -> None:
+    """Fits `model` briefly and checks that every variable in `trained`
+    changed and none in `frozen` did."""
+
+    def values(variables):
+        return [keras.ops.convert_to_numpy(variable) for variable in variables]
+
+    trained_before, frozen_before = values(trained), values(frozen)
+    losses = fit_briefly(model, inputs, steps=3)
+    assert np.all(np.isfinite(losses))
+    for variable, before in zip(frozen, frozen_before, strict=True):
+        assert np.array_equal(keras.ops.convert_to_numpy(variable), before), (
+            variable.path
+        )
+    for variable, before in zip(trained, trained_before, strict=True):
+        assert not np.array_equal(keras.ops.convert_to_numpy(variable), before), (
+            variable.path
+        )
+
+
 def save_and_load(model: keras.Model, tmp_path) -> keras.Model:
     path = tmp_path / "model.keras"
     model.save(path)
@@ -339,8 +358,8 @@ def save_and_load(model: keras.Model, tmp_path) -> keras.Model:
 
 def traced(function: Callable) -> Callable:
     """`function` compiled by the backend's tracer (`tf.function`, `jax.jit`),
-    so that its tensor arguments are symbolic while it is traced; skips the
-    test on other backends."""
+    so that its tensor arguments are symbolic while it is traced; a test that
+    uses it is marked `backends.symbolic_tracing`, which skips the others."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -350,9 +369,9 @@ def traced(function: Callable) -> Callable:
         import jax
 
         return jax.jit(function)
-    pytest.skip(
-        "traced with a symbolic tensor argument: `tf.function` on TensorFlow, "
-        f"`jax.jit` on JAX; the {backend} backend runs these tests eagerly"
+    raise RuntimeError(
+        f"`traced` has no symbolic tracer on the {backend} backend; mark the "
+        "test `backends.symbolic_tracing`."
     )
 
 

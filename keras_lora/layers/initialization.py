@@ -249,7 +249,8 @@ def randomized_svd(matrix, rank: int, iterations: int):
     range finder refined by `iterations` subspace iterations, algorithms 4.4
     and 5.1), as `torch.svd_lowrank(weight, rank, niter=iterations)` computes
     it on peft's `(out, in)` weight. The Gaussian test matrix comes from
-    `keras.random`, so `keras.utils.set_random_seed` makes it repeatable.
+    `keras.random` with a fresh seed generator (`_seed_generator`), so
+    `keras.utils.set_random_seed` makes it repeatable.
 
     Args:
         matrix: a float32 `(m, n)` matrix, `rank <= min(m, n)`.
@@ -259,7 +260,9 @@ def randomized_svd(matrix, rank: int, iterations: int):
     Returns:
         `(u, s, vh)`: `(m, rank)`, `(rank,)`, `(rank, n)`.
     """
-    test = keras.random.normal((matrix.shape[1], rank), dtype="float32")
+    test = keras.random.normal(
+        (matrix.shape[1], rank), dtype="float32", seed=_seed_generator()
+    )
     basis, _ = ops.qr(ops.matmul(matrix, test))
     for _ in range(iterations):
         basis, _ = ops.qr(ops.matmul(ops.transpose(matrix), basis))
@@ -287,7 +290,8 @@ def orthogonal_factors(fan_in: int, fan_out: int, rank: int):
     """peft's orthogonal factors: with `Q` the orthogonal factor of a Gaussian
     `rank x rank` matrix, `a = G_a @ Q[0::2] / 10` and `b = Q[1::2].T @ G_b / 10`
     for Gaussian `G_a` `(fan_in, rank / 2)` and `G_b` `(rank / 2, fan_out)`, so
-    `a @ b = 0` (the rows of `Q` are orthogonal) while neither is zero.
+    `a @ b = 0` (the rows of `Q` are orthogonal) while neither is zero. The
+    Gaussian matrices come from a fresh seed generator (`_seed_generator`).
 
     Args:
         fan_in: rows of `a`.
@@ -297,13 +301,24 @@ def orthogonal_factors(fan_in: int, fan_out: int, rank: int):
     Returns:
         `(a, b)`: `(fan_in, rank)` and `(rank, fan_out)`.
     """
-    q, _ = ops.qr(keras.random.normal((rank, rank), dtype="float32"))
+    seed = _seed_generator()
+    q, _ = ops.qr(keras.random.normal((rank, rank), dtype="float32", seed=seed))
     half = rank // 2
-    a = ops.matmul(keras.random.normal((fan_in, half), dtype="float32"), q[0::2])
-    b = ops.matmul(
-        ops.transpose(q[1::2]), keras.random.normal((half, fan_out), dtype="float32")
-    )
+    g_a = keras.random.normal((fan_in, half), dtype="float32", seed=seed)
+    g_b = keras.random.normal((half, fan_out), dtype="float32", seed=seed)
+    a = ops.matmul(g_a, q[0::2])
+    b = ops.matmul(ops.transpose(q[1::2]), g_b)
     return a / 10.0, b / 10.0
+
+
+def _seed_generator():
+    """A new `keras.random.SeedGenerator`, its seed drawn from Python's
+    `random`, which `keras.utils.set_random_seed` seeds on every Keras
+    version: the draws repeat under the same seed, as a Keras initializer's.
+    The global generator of an unseeded `keras.random` call does not: Keras
+    3.12's `set_random_seed` leaves it as it is (3.15's replaces it), so each
+    init would go on from where the last one left it."""
+    return keras.random.SeedGenerator()
 
 
 def _matrix_shape(layer, rank: int) -> tuple[int, int]:

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 
-import keras
 import pytest
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent / "scripts"
@@ -30,20 +29,6 @@ ROOT = SCRIPTS.parents[2]
 # devices, and local gRPC traffic must not go through a proxy.
 _DROPPED = {"KERAS_BACKEND", "XLA_FLAGS", "TF_CONFIG", "JAX_PLATFORMS"}
 _PROXIES = {"http_proxy", "https_proxy", "grpc_proxy", "all_proxy"}
-
-tensorflow_run = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="runs once, in the TensorFlow-backend run (the scenario starts its own "
-    "TensorFlow processes)",
-)
-
-
-# Where jax is installed: the outer Keras backend is JAX (Keras imports it).
-jax_run = pytest.mark.skipif(
-    keras.backend.backend() != "jax",
-    reason="runs once, in the JAX-backend run (the scenario starts its own JAX "
-    "process with two host devices)",
-)
 
 
 def environment(backend: str, **settings: str) -> dict[str, str]:

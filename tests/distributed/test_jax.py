@@ -3,9 +3,11 @@ with two host devices (see `runner.py`): DataParallel, and ModelParallel with
 a LayoutMap that shards the base kernels and, through
 `keras_lora.add_adapter_layouts`, the matching adapter factors."""
 
+from backends import jax_distribution
+
 from distributed import runner
 
-pytestmark = runner.jax_run
+pytestmark = jax_distribution
 
 # Two devices add partial products in another order than one: after three SGD
 # steps the adapters agree to a few float32 ulps.

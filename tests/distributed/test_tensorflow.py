@@ -6,12 +6,13 @@ import json
 
 import keras
 import numpy as np
+from backends import tensorflow_distribute
 
 import keras_lora
 from distributed import runner
 from distributed.scripts import scenario
 
-pytestmark = runner.tensorflow_run
+pytestmark = tensorflow_distribute
 
 # Replicas sum the same float32 gradients in another order: the adapters after
 # three SGD steps agree with one device to a few float32 ulps.

@@ -6,6 +6,7 @@ traced, and every refusal names its argument and changes nothing."""
 import keras
 import numpy as np
 import pytest
+from backends import symbolic_tracing
 from testing import (
     CASES,
     assert_unchanged,
@@ -76,6 +77,7 @@ def test_mixed_batch_equals_each_example_alone(case):
 
 
 @cases
+@symbolic_tracing
 def test_traced_call_with_an_index_tensor(case):
     layer = two_adapter_layer(case)
     x = batch_of_six(case)

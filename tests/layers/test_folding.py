@@ -5,9 +5,9 @@ Both paths must compute the same function; only the cost differs."""
 import keras
 import numpy as np
 import pytest
+from testing import CASES, case_id, randomize_adapter
 
 from keras_lora.layers import LoraDense, wrapper_for
-from tests.testing import CASES, case_id, randomize_adapter
 
 layers = keras.layers
 
