@@ -12,6 +12,7 @@ from keras import ops
 from keras_lora.layers import dora
 from keras_lora.layers.adapter import LoraAdapter
 from keras_lora.layers.adapter_routing import AdapterRouting, routing_for_call
+from keras_lora.layers.hooks import LoraHooks
 from keras_lora.layers.initialization import (
     check_init,
     deferred_initialization,
@@ -20,7 +21,7 @@ from keras_lora.layers.initialization import (
 from keras_lora.tracking import substituted_variable, unlocked_state
 
 
-class LoraLayer(keras.layers.Wrapper):
+class LoraLayer(LoraHooks, keras.layers.Wrapper):
     """Adds low-rank adapters to a frozen Keras layer.
 
     `outputs = activation(layer(x) + sum(scale * B(A(dropout(x)))))` over the
@@ -30,13 +31,8 @@ class LoraLayer(keras.layers.Wrapper):
     formed by `merge()`, which folds it into the base weights.
 
     Subclasses name the Keras class they adapt in `base_class` and implement
-    three hooks: `factor_shapes(rank)`, `adapter_output(x, lora_a, lora_b)` and
-    `delta(lora_a, lora_b)`; this class does the rest. DoRA needs two more,
-    `norm_axes` and `output_layout(values, ndim)` (see `keras_lora.layers.dora`).
-    The computed inits and combinations read the kernel as a matrix through
-    `kernel_matrix(kernel)` and `check_matrix_view(operation)`. The class
-    methods `kernel_of(layer)` and `factor_axes(layer, kernel_axes)` have
-    defaults for kernels laid out inputs first, outputs last.
+    the per-type hooks of `keras_lora.layers.hooks.LoraHooks` (at least
+    `factor_shapes`, `adapter_output` and `delta`); this class does the rest.
 
     Args:
         layer: the Keras layer to adapt, built or not. It is frozen.
@@ -76,9 +72,6 @@ class LoraLayer(keras.layers.Wrapper):
         Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
         arXiv 2106.09685.
     """
-
-    base_class: type[keras.layers.Layer] = keras.layers.Layer
-    zero_factor = "b"
 
     def __init__(
         self,
@@ -416,73 +409,6 @@ class LoraLayer(keras.layers.Wrapper):
     def kernel_variable(self) -> keras.Variable:
         """The base variable `merge()` writes: the wrapped layer's kernel."""
         return self.kernel_of(self.layer)
-
-    @classmethod
-    def kernel_of(cls, layer: keras.layers.Layer) -> keras.Variable:
-        """Hook: the variable of a built base layer that adapters update."""
-        return layer.kernel
-
-    def check_rank(self, rank: int) -> None:
-        """Hook: refuses a rank this layer type cannot use (e.g. conv groups)."""
-
-    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Hook: the shapes of `lora_a` and `lora_b` for a built base layer."""
-        raise NotImplementedError
-
-    @classmethod
-    def factor_axes(
-        cls, layer: keras.layers.Layer, kernel_axes: tuple[str | None, ...]
-    ) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
-        """Hook: the device-mesh axes of `lora_a` and `lora_b` when the base
-        kernel is laid out on `kernel_axes` (one mesh axis name or `None` per
-        kernel axis).
-
-        A factor axis that stands for a kernel axis takes that axis's layout;
-        the rank axis and size-1 axes are replicated. This default serves
-        kernels whose last axis is the output and the others the input
-        (Dense, Conv, Embedding): `lora_a` mirrors all but the last kernel
-        axis, `lora_b` the last.
-        """
-        *inputs, output = kernel_axes
-        return (*inputs, None), (*[None] * len(inputs), output)
-
-    def adapter_output(self, x, lora_a, lora_b):
-        """Hook: the unscaled adapter output, computed factorised."""
-        raise NotImplementedError
-
-    def delta(self, lora_a, lora_b):
-        """Hook: the unscaled full-size update in the base kernel's layout."""
-        raise NotImplementedError
-
-    def kernel_matrix(self, kernel):
-        """Hook: `kernel` (in the base kernel's layout) as the
-        `(fan_in, fan_out)` matrix on which `delta(A, B)` is `A @ B`, `A`
-        reshaped to `(fan_in, rank)` and `B` to `(rank, fan_out)`. The default
-        serves kernels whose last axis is the output and the others the input
-        (Dense, Conv, Embedding)."""
-        return ops.reshape(kernel, (-1, kernel.shape[-1]))
-
-    def check_matrix_view(self, operation: str) -> None:
-        """Hook: refuses `operation` (an init or a combination that works on
-        `kernel_matrix`) if the update is not one matrix (grouped conv)."""
-
-    @property
-    def norm_axes(self) -> tuple[int, ...] | None:
-        """Hook: the kernel axes DoRA's weight norm reduces (the input axes);
-        the other axes are the output units, one magnitude entry each. `None`
-        (the default) means the layer type does not support DoRA."""
-        return None
-
-    def output_layout(self, values, ndim: int):
-        """Hook: a tensor with one entry per output unit (the kernel's shape
-        without `norm_axes`), laid out to broadcast against outputs of rank
-        `ndim`. The default serves outputs whose last axes are the units."""
-        return values
-
-    def output_bias(self):
-        """Hook: the wrapped layer's bias as its call adds it to the outputs
-        (broadcastable against them), or `None`."""
-        return getattr(self.layer, "bias", None)
 
     def base_output(self, inputs, training=None):
         """The wrapped layer's output on `inputs`, before its activation."""
