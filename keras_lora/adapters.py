@@ -63,7 +63,7 @@ def merge(
 
     >>> keras_lora.merge(lora_model)
     """
-    layers = _require_lora_layers(model)
+    layers = require_lora_layers(model)
     _check_merge(model, layers, adapter_names, safe)
     done = []
     try:
@@ -91,7 +91,7 @@ def unmerge(model: keras.Model) -> None:
     >>> keras_lora.merge(lora_model)
     >>> keras_lora.unmerge(lora_model)
     """
-    layers = _require_lora_layers(model)
+    layers = require_lora_layers(model)
     unmerged = [path for path, layer in layers.items() if not layer.merged]
     if unmerged:
         raise ValueError(
@@ -121,7 +121,7 @@ def disable_adapters(model: keras.Model) -> Iterator[keras.Model]:
     >>> with keras_lora.disable_adapters(lora_model):
     ...     base_outputs = lora_model(x)
     """
-    layers = _require_lora_layers(model)
+    layers = require_lora_layers(model)
     _check_unmerged(model, layers, "disable adapters")
     previous = {path: layer.adapters_enabled for path, layer in layers.items()}
     for layer in layers.values():
@@ -162,7 +162,7 @@ def add_adapter(model: keras.Model, adapter_name: str, config: LoraConfig) -> No
         raise TypeError(
             f"`config` must be a keras_lora.LoraConfig. Received: config={config!r}"
         )
-    layers = _require_lora_layers(model)
+    layers = require_lora_layers(model)
     existing = [
         path for path, layer in layers.items() if adapter_name in layer.adapters
     ]
@@ -214,7 +214,7 @@ def set_adapter(model: keras.Model, adapter_names: str | list[str]) -> None:
     >>> keras_lora.set_adapter(lora_model, "task_b")
     """
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    layers = _require_lora_layers(model)
+    layers = require_lora_layers(model)
     _check_unmerged(model, layers, "set the adapter")
     check_adapter_names(model, layers, "adapter_names", names, adapter_names)
     trainable = trainable_ids(model)
@@ -241,7 +241,7 @@ def delete_adapter(model: keras.Model, adapter_name: str) -> None:
 
     >>> keras_lora.delete_adapter(lora_model, "task_b")
     """
-    layers = _require_lora_layers(model)
+    layers = require_lora_layers(model)
     _check_unmerged(model, layers, "delete an adapter")
     holding = {
         path: layer for path, layer in layers.items() if adapter_name in layer.adapters
@@ -302,7 +302,13 @@ def check_adapter_names(model, layers, argument: str, names, received) -> None:
         )
 
 
-def _require_lora_layers(model) -> dict[str, LoraLayer]:
+def require_lora_layers(model: keras.Model) -> dict[str, LoraLayer]:
+    """Returns the LoRA layers of `model` by path, for a model-level function.
+
+    Raises:
+        TypeError: if `model` is not a Keras model.
+        ValueError: if it has no LoRA layer.
+    """
     check_model(model)
     layers = lora_layers(model)
     if not layers:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import keras
 
-from keras_lora.adapters import _require_lora_layers, reset_traced_functions
+from keras_lora.adapters import require_lora_layers, reset_traced_functions
 from keras_lora.layers.adapter_routing import adapter_routing, route, routing_of
 
 
@@ -72,7 +72,7 @@ def adapter_per_example(
     >>> with keras_lora.adapter_per_example(lora_model, names, [1, -1, 0]):
     ...     y = lora_model(x[:3])
     """
-    layers = _require_lora_layers(model)
+    layers = require_lora_layers(model)
     routing = adapter_routing(adapter_names, adapter_index)
     routed = [path for path, layer in layers.items() if routing_of(layer)]
     if routed:

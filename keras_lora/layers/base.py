@@ -278,7 +278,7 @@ class LoraLayer(LoraHooks, keras.layers.Wrapper):
             if adapter.use_dora:
                 restored = dora.unmerged_kernel(self, adapter, restored)
             else:
-                restored = restored - self._scaled_delta(name)
+                restored = restored - self._scaled_delta(adapter)
         kernel.assign(ops.cast(restored, kernel.dtype))
         self._merged_adapters = []
 
@@ -296,7 +296,7 @@ class LoraLayer(LoraHooks, keras.layers.Wrapper):
         """
         name = self.active_adapter if adapter_name is None else adapter_name
         self._check_names("adapter_name", [name])
-        return self._scaled_delta(name)
+        return self._scaled_delta(self._adapters[name])
 
     def add_adapter(
         self,
@@ -574,14 +574,15 @@ class LoraLayer(LoraHooks, keras.layers.Wrapper):
             if adapter.use_dora:
                 kernel = dora.merged_kernel(self, adapter, kernel)
                 continue
-            # Inside a mixed-precision call, the factors read in the compute
-            # dtype, and so does their delta.
-            kernel = kernel + ops.cast(self._scaled_delta(name), "float32")
+            kernel = kernel + self._scaled_delta(adapter)
         return kernel
 
     def _folding_is_cheaper(self, inputs) -> bool:
-        """Whether, outside training, adding the adapters to the kernel for
-        this call costs less than computing them factorised.
+        """Whether, in an inference call (`training` false or `None`, as
+        Keras' Dropout reads it), adding the adapters to the kernel for this
+        call costs less than computing them factorised. A custom training
+        loop passes `training=True`, as Keras' guides do, and so keeps the
+        factorised gradient.
 
         Forming `W + scale * delta` takes about `rank` multiply-adds per kernel
         element; the factorised path takes at least `rank` per output element
@@ -602,9 +603,13 @@ class LoraLayer(LoraHooks, keras.layers.Wrapper):
             return False
         return math.prod(output_shape) >= math.prod(self.kernel_variable.shape)
 
-    def _scaled_delta(self, name: str):
-        adapter = self._adapters[name]
-        return self.delta(adapter.lora_a, adapter.lora_b) * adapter.scale
+    def _scaled_delta(self, adapter: LoraAdapter):
+        """`scale * delta` of `adapter` in float32 (inside a mixed-precision
+        call the factors read in the compute dtype, and so does their delta).
+        Takes the adapter, not its name: DoRA needs it while the adapter is
+        being created, before it is registered."""
+        delta = self.delta(adapter.lora_a, adapter.lora_b) * adapter.scale
+        return ops.cast(delta, "float32")
 
     def _factorised_update(self, adapter: LoraAdapter, x):
         """`scale * B(A(x))` of one adapter, in the compute dtype."""

@@ -67,7 +67,7 @@ def weight_norm(layer, adapter, kernel=None):
     """
     check_supported(layer)
     kernel = layer.kernel_variable if kernel is None else kernel
-    adapted = ops.cast(kernel, "float32") + _scaled_delta(layer, adapter)
+    adapted = ops.cast(kernel, "float32") + layer._scaled_delta(adapter)
     return ops.sqrt(ops.sum(ops.square(adapted), axis=layer.norm_axes))
 
 
@@ -118,7 +118,7 @@ def merged_kernel(layer, adapter, kernel):
         The float32 kernel with the adapter folded in.
     """
     factor = _kernel_factor(layer, adapter, weight_norm(layer, adapter))
-    return factor * (kernel + _scaled_delta(layer, adapter))
+    return factor * (kernel + layer._scaled_delta(adapter))
 
 
 def unmerged_kernel(layer, adapter, kernel):
@@ -134,7 +134,7 @@ def unmerged_kernel(layer, adapter, kernel):
         The float32 kernel without this adapter.
     """
     factor = _kernel_factor(layer, adapter, adapter.weight_norm)
-    return kernel / factor - _scaled_delta(layer, adapter)
+    return kernel / factor - layer._scaled_delta(adapter)
 
 
 def remember_norm(layer, adapter) -> None:
@@ -146,13 +146,6 @@ def remember_norm(layer, adapter) -> None:
         adapter: a DoRA `LoraAdapter` of `layer`.
     """
     adapter.weight_norm.assign(weight_norm(layer, adapter))
-
-
-def _scaled_delta(layer, adapter):
-    """`scale * delta` in float32 (inside a mixed-precision call the factors
-    read in the compute dtype)."""
-    delta = layer.delta(adapter.lora_a, adapter.lora_b) * adapter.scale
-    return ops.cast(delta, "float32")
 
 
 def _magnitude(adapter):

@@ -1,6 +1,7 @@
-"""Outside training, a wrapper adds its adapters to the kernel for the call when
-that is cheaper than the factorised path (`LoraLayer._folding_is_cheaper`).
-Both paths must compute the same function; only the cost differs."""
+"""In an inference call (`training` false or `None`), a wrapper adds its
+adapters to the kernel for the call when that is cheaper than the factorised path
+(`LoraLayer._folding_is_cheaper`). Both paths must compute the same function;
+only the cost differs."""
 
 import keras
 import numpy as np
@@ -67,3 +68,17 @@ def test_a_quantized_base_is_never_folded():
     base.quantize("int8")
     wrapper = LoraDense(base, rank=2)
     assert not wrapper._folding_is_cheaper(keras.KerasTensor((256, 4)))
+
+
+@pytest.mark.parametrize("training", [False, None, True])
+def test_only_training_calls_keep_the_factorised_path(training, monkeypatch):
+    layer = LoraDense(layers.Dense(4), rank=2)
+    inputs = np.ones((64, 3), "float32")
+    layer(inputs)
+    folds = []
+    kernel_plus = layer._kernel_plus
+    monkeypatch.setattr(
+        layer, "_kernel_plus", lambda names: folds.append(names) or kernel_plus(names)
+    )
+    layer(inputs, training=training)
+    assert folds == ([] if training else [["default"]])
