@@ -4,11 +4,13 @@ Keras locks a layer's state once it is built, and tracks sub-layers by object
 identity. Adding an adapter to a built wrapper, and rewiring a built layer's
 attribute from a base layer to its wrapper, both need to step around that lock.
 Telling a Functional model from a subclassed one needs Keras' private
-`Functional` class, which is not exported. Running a layer's own `call` on a
+`Functional` class, which is not exported; finding the layer call that made a
+symbolic tensor needs its private `_keras_history`. Running a layer's own `call` on a
 kernel other than its variable needs the private attribute behind the layer's
 `kernel` property. `tests/test_tracking.py` fails loudly if a Keras release
 changes what this module relies on (`Layer._tracker`,
-`Tracker.unlock/lock/locked/replace_tracked_value`, `Functional`, a kernel
+`Tracker.unlock/lock/locked/replace_tracked_value`, `Functional`,
+`KerasTensor._keras_history` and `Operation._inbound_nodes`, a kernel
 property that reads a private attribute holding the variable, and, under the
 torch backend, the `torch.nn.Module` registry that holds sub-layers).
 """
@@ -60,6 +62,22 @@ def is_graph_model(layer: keras.layers.Layer) -> bool:
         True for `keras.Sequential`, `Functional` models and their subclasses.
     """
     return isinstance(layer, (keras.Sequential, Functional))
+
+
+def producer(tensor) -> tuple[keras.layers.Layer, list, int]:
+    """The layer call that made a symbolic tensor of a graph model.
+
+    Args:
+        tensor: a `KerasTensor` of a built graph model (one of its `outputs`,
+            or an input of a layer call in it).
+
+    Returns:
+        `(layer, input_tensors, output_index)`: the layer, the symbolic
+        tensors that call took, and which of its outputs `tensor` is.
+    """
+    history = tensor._keras_history
+    node = history.operation._inbound_nodes[history.node_index]
+    return history.operation, list(node.input_tensors), history.tensor_index
 
 
 @contextlib.contextmanager

@@ -12,10 +12,13 @@ import dataclasses
 import keras
 
 from keras_lora.layers.base import LoraLayer
-from keras_lora.tracking import attributes, is_graph_model
+from keras_lora.tracking import attributes, is_graph_model, producer
 
 # Attributes in which Keras and TensorFlow keep their own bookkeeping of
-# sub-layers; the user-visible references are the other attributes.
+# sub-layers, by exact name; the user-visible references are the other
+# attributes, whatever their names (keras-hub keeps attention in
+# `_self_attention_layer`). TensorFlow's trackable keeps its checkpoint
+# dependencies in the four `_self_` attributes.
 _BOOKKEEPING = frozenset(
     {
         "_layers",
@@ -31,6 +34,10 @@ _BOOKKEEPING = frozenset(
         "_output_layers",
         "_compiled_trainable_state",
         "_functional",
+        "_self_unconditional_checkpoint_dependencies",
+        "_self_unconditional_dependency_names",
+        "_self_unconditional_deferred_dependencies",
+        "_self_saveable_object_factories",
     }
 )
 
@@ -75,7 +82,7 @@ def children(layer: keras.layers.Layer) -> list[tuple[keras.layers.Layer, Refere
             if not isinstance(child, keras.layers.InputLayer):
                 found.append((child, Reference(layer, "layers", index)))
     for attribute, value in attributes(layer):
-        if attribute in _BOOKKEEPING or attribute.startswith("_self_"):
+        if attribute in _BOOKKEEPING:
             continue
         if isinstance(value, keras.layers.Layer):
             found.append((value, Reference(layer, attribute)))
@@ -182,3 +189,39 @@ def bias_variable(layer: keras.layers.Layer) -> keras.Variable | None:
     base = layer.layer if isinstance(layer, LoraLayer) else layer
     bias = getattr(base, "bias", None)
     return bias if isinstance(bias, keras.Variable) else None
+
+
+def output_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """The layers that compute a graph model's outputs: for each output, the
+    last layer with weights on its way (a classifier head, an LM head),
+    looking through weightless layers (Dropout, Activation) and into nested
+    graph models. This is what `targets="all-linear"` leaves out, as peft's
+    `"all-linear"` leaves out the output layer.
+
+    Args:
+        model: a Keras model or layer.
+
+    Returns:
+        The output layers, once each; empty for a model with no layer graph
+        (a subclassed model), whose outputs cannot be traced.
+    """
+    if not is_graph_model(model):
+        return []
+    found = []
+    pending = list(keras.tree.flatten(model.outputs))
+    while pending:
+        layer, inputs, index = producer(pending.pop())
+        if is_graph_model(layer):
+            pending.append(keras.tree.flatten(layer.outputs)[index])
+        elif layer.weights or len(inputs) != 1:
+            if all(layer is not seen for seen in found):
+                found.append(layer)
+        else:
+            pending.extend(inputs)
+    return found
+
+
+def output_paths(model: keras.layers.Layer, sites: dict[str, Site]) -> list[str]:
+    """The paths (in `sites`, a `walk(model)`) of `output_layers(model)`."""
+    paths = {id(site.layer): path for path, site in sites.items()}
+    return [paths[id(layer)] for layer in output_layers(model) if id(layer) in paths]

@@ -9,6 +9,7 @@ from keras_lora import LoraDense
 from keras_lora.tracking import (
     attributes,
     is_graph_model,
+    producer,
     rewire,
     substituted_variable,
     unlocked_state,
@@ -236,3 +237,21 @@ def test_substituted_variable_refuses_a_variable_the_layer_does_not_hold():
     with pytest.raises(ValueError, match="holds variable"):
         with substituted_variable(layer, other, keras.ops.ones((3, 2))):
             pass
+
+
+def test_producer_finds_the_layer_call_behind_a_symbolic_tensor():
+    """`producer` reads `KerasTensor._keras_history` and the layer's
+    `_inbound_nodes`; this fails loudly if Keras changes either."""
+    inputs = layers.Input((4,))
+    shared = layers.Dense(4, name="shared")
+    first = shared(inputs)
+    second = shared(first)
+    split = layers.Lambda(lambda x: (x, -x), name="split")(second)
+    model = keras.Model(inputs, [split[1], second])
+    layer, call_inputs, index = producer(model.outputs[0])
+    assert layer.name == "split" and index == 1
+    assert call_inputs == [second]
+    layer, call_inputs, index = producer(second)
+    assert layer is shared and call_inputs == [first] and index == 0
+    layer, call_inputs, _ = producer(first)
+    assert layer is shared and call_inputs == [inputs]
