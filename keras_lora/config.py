@@ -36,8 +36,14 @@ class LoraConfig:
         targets: the layers to adapt: a target or a list of targets, each a
             layer path or name, a glob, a `"re:"` regex, a `keras.layers.Layer`
             subclass or a callable `(layer, path) -> bool`; see
-            `keras_lora.targets.select`. `None` adapts every layer that has a
-            wrapper. A single target is stored as a one-element tuple.
+            `keras_lora.targets.select`. `None` adapts every layer that can
+            take the adapter; layers that cannot (a grouped conv whose groups
+            do not divide the rank, a subclass whose call a wrapper cannot
+            cover) keep none and are named in one warning on the
+            `"keras_lora"` logger. `"all-linear"` (peft's preset) adapts every
+            `Dense` and `EinsumDense` but the model's output layer (see
+            `keras_lora.walk.output_layers`), skipping in the same way. A
+            single target is stored as a one-element tuple.
         exclude: the layers to leave out, in the same forms as `targets`.
         use_rslora: scale by `alpha / sqrt(rank)` (rank-stabilized LoRA).
         init: how the factors start: `"default"` (B zeros; Embedding: A zeros),

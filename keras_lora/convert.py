@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import keras
 
 from keras_lora.adapters import (
@@ -19,8 +21,10 @@ from keras_lora.layers.base import LoraLayer
 from keras_lora.layers.initialization import deferred_initialization, initialize
 from keras_lora.layers.registry import wrapper_for
 from keras_lora.quantization import dequantize_and_unload
-from keras_lora.targets import select
-from keras_lora.walk import bias_variable, own_variables, walk
+from keras_lora.targets import is_broad, select, unwrapped
+from keras_lora.walk import bias_variable, output_paths, own_variables, walk
+
+logger = logging.getLogger("keras_lora")
 
 
 def convert(
@@ -71,7 +75,12 @@ def convert(
             "Add another adapter with `keras_lora.add_adapter(model, name, config)`."
         )
     candidates = {path: site.layer for path, site in sites.items()}
-    selected = select(candidates, config.targets, config.exclude)
+    selected = select(
+        candidates,
+        config.targets,
+        config.exclude,
+        output_paths=output_paths(model, sites),
+    )
     train = (
         select(candidates, config.train, require_wrapper=False, argument="train")
         if config.train
@@ -97,14 +106,19 @@ def convert(
         # A computed init (PiSSA, OLoRA rewrite the kernel) runs once every
         # layer is wrapped, so that a refused layer leaves the others as they were.
         with deferred_initialization():
-            replacements = {
-                id(sites[path].layer): _wrap(sites[path].layer, path, config)
-                for path in selected
-            }
+            replacements, skipped = _wrap_selected(candidates, selected, config)
         new_model = rebuild(model, replacements)
     except Exception:
         _restore_flags(flags)
         raise
+    if skipped:
+        logger.warning(
+            "`targets=%r` adapts every layer that can take this adapter; %d "
+            "cannot and keep no adapter: %s",
+            config.targets,
+            len(skipped),
+            _listing(candidates, skipped),
+        )
     for wrapper in replacements.values():
         initialize(wrapper, wrapper.adapters[config.adapter_name])
     freeze(new_model, config.bias, [candidates[path] for path in train])
@@ -156,6 +170,42 @@ def _train_bias(layer) -> None:
     base.trainable = True
     for variable in base.weights:
         variable.trainable = variable is bias
+
+
+def _wrap_selected(candidates, selected, config):
+    """`(replacements, skipped)`: a wrapper for each selected layer, keyed by
+    the id of the layer. With broad targets (`is_broad`), a layer the wrapper
+    refuses (a grouped conv whose groups do not divide the rank, ...) is left
+    as it is and listed in `skipped` (path to reason) with the layers that
+    have no wrapper; with explicit targets the refusal propagates."""
+    broad = is_broad(config.targets)
+    skipped = unwrapped(candidates, config.targets, config.exclude) if broad else {}
+    replacements = {}
+    for path in selected:
+        layer = candidates[path]
+        trainable = layer.trainable
+        try:
+            replacements[id(layer)] = _wrap(layer, path, config)
+        except (ValueError, TypeError) as error:
+            if not broad:
+                raise
+            # The wrapper froze the layer before refusing it.
+            layer.trainable = trainable
+            skipped[path] = str(error)
+    if not replacements:
+        raise ValueError(
+            f"No selected layer can take this adapter: "
+            f"{_listing(candidates, skipped)}. Received: targets={config.targets!r}"
+        )
+    skipped = {path: skipped[path] for path in candidates if path in skipped}
+    return replacements, skipped
+
+
+def _listing(candidates, reasons) -> str:
+    return "; ".join(
+        f"{path} ({type(candidates[path]).__name__}): {reason}"
+        for path, reason in reasons.items()
+    )
 
 
 def _wrap(layer, path, config) -> LoraLayer:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TypeVar
 
 import keras
@@ -23,6 +23,8 @@ Target = str | type | Callable[[keras.layers.Layer, str], bool]
 """A path or layer name, a glob, a `"re:"` regex, a layer class or a predicate."""
 
 REGEX_PREFIX = "re:"
+ALL_LINEAR = "all-linear"
+LINEAR_CLASSES = (keras.layers.Dense, keras.layers.EinsumDense)
 _GLOB_CHARACTERS = frozenset("*?[")
 _FORMS = (
     "a layer path or name, a glob ('*/query'), a regex prefixed 're:', a "
@@ -41,6 +43,7 @@ def select(
     *,
     require_wrapper: bool = True,
     argument: str = "targets",
+    output_paths: Collection[str] = (),
 ) -> list[str]:
     """Returns the paths of the layers that `targets` select and `exclude`
     does not, in the order of `candidates`.
@@ -57,11 +60,16 @@ def select(
     - a `keras.layers.Layer` subclass: matches its instances.
     - a callable `(layer, path) -> bool`.
     - a list or tuple of these: the union of their matches.
+    - `"all-linear"` alone (peft's preset): every `Dense` and `EinsumDense`
+      except the model's output layers (`output_paths`: the classifier or LM
+      head).
 
     A target matches layers by their own path: `"block_0"` names the block
     itself, not the layers inside it (`"block_0/*"` does), as in peft.
 
-    `targets=None` selects every layer that has a wrapper. A plain string that
+    `targets=None` selects every layer that has a wrapper. `None` and
+    `"all-linear"` are broad: `unwrapped` lists what they pass over. A plain
+    string that
     matches a layer with no wrapper (a `Dropout`, say) is an error; a broad
     target (glob, regex, class, callable) silently skips such layers as long as
     it matches at least one layer that has a wrapper. Every entry of `targets`
@@ -78,6 +86,8 @@ def select(
         exclude: what to leave out, in the same forms.
         require_wrapper: whether selected layers must have a wrapper.
         argument: the name of `targets` in error messages, e.g. `"train"`.
+        output_paths: the paths of the model's output layers (see
+            `keras_lora.walk.output_layers`), which `"all-linear"` leaves out.
 
     Returns:
         The selected paths, in the order of `candidates`.
@@ -95,17 +105,27 @@ def select(
     _check_candidates(candidates)
     entries = normalize_targets(targets, argument)
     excluded = normalize_targets(exclude, "exclude")
-    if entries is None:
+    if entries is None or entries == (ALL_LINEAR,):
+        kinds = keras.layers.Layer if entries is None else LINEAR_CLASSES
         chosen = {
             path
             for path, layer in candidates.items()
-            if not require_wrapper or _has_wrapper(layer)
+            if isinstance(layer, kinds)
+            and (not require_wrapper or _has_wrapper(layer))
+            and (entries is None or path not in output_paths)
         }
+        if not chosen and entries is not None:
+            raise ValueError(
+                f"{ALL_LINEAR!r} finds no Dense or EinsumDense layer besides the "
+                f"output layers {list(output_paths)}; name the layers to adapt. "
+                f"Layers: {_paths_message(candidates)}. "
+                f"Received: {argument}={targets!r}"
+            )
         if require_wrapper and not chosen:
             raise ValueError(
                 "No layer of the model has a LoRA wrapper. "
                 f"{_supported_message()} Layers: {_paths_message(candidates)}. "
-                f"Received: {argument}=None"
+                f"Received: {argument}={targets!r}"
             )
     else:
         chosen = set()
@@ -139,6 +159,48 @@ def select(
                 f"Received: {argument}={targets!r}, exclude={exclude!r}"
             )
     return [path for path in candidates if path in chosen]
+
+
+def is_broad(targets: Target | Sequence[Target] | None) -> bool:
+    """Whether `targets` is `None` or `"all-linear"`: every layer (of a kind)
+    that can take an adapter, rather than named layers."""
+    return targets is None or normalize_targets(targets) == (ALL_LINEAR,)
+
+
+def unwrapped(
+    candidates: Mapping[str, keras.layers.Layer],
+    targets: Target | Sequence[Target] | None = None,
+    exclude: Target | Sequence[Target] | None = None,
+) -> dict[str, str]:
+    """The layers broad `targets` (see `is_broad`) pass over although their
+    kind takes adapters, each with the reason: a subclass whose call
+    signature differs from the class its wrapper adapts.
+
+    Args:
+        candidates: every layer of the model, keyed by path.
+        targets: `None` or `"all-linear"`.
+        exclude: layers the user left out; they are not listed.
+
+    Returns:
+        A dict of path to reason, in the order of `candidates`.
+    """
+    kinds = supported_classes() if targets is None else LINEAR_CLASSES
+    found = {}
+    for path, layer in candidates.items():
+        base = next((cls for cls in kinds if isinstance(layer, cls)), None)
+        if base is not None and not _has_wrapper(layer):
+            found[path] = (
+                f"the class changes the call signature of "
+                f"keras.layers.{base.__name__}, so a wrapper could not cover "
+                "every mode of its call; register a wrapper for it with "
+                "`keras_lora.register_wrapper`"
+            )
+    if exclude is not None:
+        excluded = normalize_targets(exclude, "exclude")
+        for paths in _match_entries(candidates, excluded, "exclude", exclude):
+            for path in paths:
+                found.pop(path, None)
+    return found
 
 
 def pattern_value(path: str, patterns: Mapping[str, T]) -> T | None:
@@ -206,6 +268,13 @@ def normalize_targets(
         raise ValueError(
             f"`{argument}` must not be empty; pass None instead. "
             f"Received: {argument}={targets!r}"
+        )
+    if ALL_LINEAR in entries and (len(entries) > 1 or argument != "targets"):
+        raise ValueError(
+            f"{ALL_LINEAR!r} is a preset for the whole of `targets` (every Dense "
+            "and EinsumDense but the output layer); it cannot be combined with "
+            f"other entries or used in `{argument}`. Received: "
+            f"{argument}={targets!r}"
         )
     for entry in entries:
         if isinstance(entry, str) and entry in ("", REGEX_PREFIX):

@@ -321,8 +321,8 @@ def scorer():
             ValueError,
             r"cannot hold adapted ones.*\['block_0'\]",
         ),
-        # Conv2D with groups=2 refuses an odd rank after Dense layers were
-        # wrapped (and their bases frozen).
+        # Conv2D with groups=2, named explicitly, refuses an odd rank after
+        # Dense layers were wrapped (and their bases frozen).
         (
             lambda: keras.Sequential(
                 [
@@ -331,7 +331,7 @@ def scorer():
                     keras.layers.Conv2D(4, 1, groups=2, name="conv"),
                 ]
             ),
-            {"rank": 3},
+            {"rank": 3, "targets": ["dense", "conv"]},
             ValueError,
             "divisible",
         ),
@@ -596,3 +596,127 @@ def test_adapter_variable_paths_are_unique_across_blocks():
     )
     state = lora_model.get_state_tree()["trainable_variables"]
     assert sorted(state["block_0"]["query"]["default"]) == ["lora_a", "lora_b"]
+
+
+# Broad targets: every layer that can take the adapter.
+
+
+class DenseWithMode(keras.layers.Dense):
+    """A Dense subclass whose call takes an extra argument."""
+
+    def call(self, inputs, mode=None):
+        return super().call(inputs)
+
+
+def mixed_cnn():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 4, 6))
+    x = keras.layers.Conv2D(6, 1, name="pointwise")(inputs)
+    x = keras.layers.Conv2D(6, 3, padding="same", groups=6, name="depthwise")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = DenseWithMode(5, name="moded")(x)
+    x = keras.layers.Dense(5, name="hidden")(x)
+    outputs = keras.layers.Dense(3, name="head")(keras.layers.Dropout(0.1)(x))
+    model = keras.Model(inputs, outputs)
+    data = np.random.default_rng(0).normal(size=(SAMPLES, 4, 4, 6))
+    return model, data.astype("float32")
+
+
+def test_targets_none_skips_what_cannot_take_the_adapter_and_names_it(caplog):
+    model, inputs = mixed_cnn()
+    base = outputs(model, inputs)
+    with caplog.at_level("WARNING", logger="keras_lora"):
+        lora_model = keras_lora.convert(model, rank=4)
+    assert list(keras_lora.lora_layers(lora_model)) == ["pointwise", "hidden", "head"]
+    assert_outputs_close(outputs(lora_model, inputs), base, atol=1e-6)
+    [record] = caplog.records
+    message = record.getMessage()
+    assert "2 cannot and keep no adapter" in message
+    assert "depthwise (Conv2D): LoraConv2D 'depthwise' has groups=6" in message
+    assert "moded (DenseWithMode): the class changes the call signature" in message
+    # Skipped layers are frozen like every other unadapted layer.
+    assert not lora_model.get_layer("depthwise").trainable
+    assert not lora_model.get_layer("moded").trainable
+
+
+def test_an_explicit_target_that_cannot_take_the_adapter_still_raises():
+    model, _ = mixed_cnn()
+    with pytest.raises(ValueError, match="groups=6; `rank` must be divisible"):
+        keras_lora.convert(model, rank=4, targets=["pointwise", "depthwise"])
+    with pytest.raises(ValueError, match="no LoRA wrapper: moded"):
+        keras_lora.convert(model, rank=4, targets=["moded"])
+    assert not keras_lora.lora_layers(model)
+
+
+def test_broad_targets_where_no_layer_can_take_the_adapter_raise():
+    inputs = keras.Input((4, 4, 6))
+    outputs_ = keras.layers.Conv2D(6, 3, groups=6, name="depthwise")(inputs)
+    model = keras.Model(inputs, outputs_)
+    with pytest.raises(ValueError, match="No selected layer can take this adapter"):
+        keras_lora.convert(model, rank=4)
+    assert model.get_layer("depthwise").trainable
+
+
+def test_all_linear_adapts_every_dense_but_the_output_layer(caplog):
+    model, inputs = mixed_cnn()
+    with caplog.at_level("WARNING", logger="keras_lora"):
+        lora_model = keras_lora.convert(model, rank=2, targets="all-linear")
+    assert list(keras_lora.lora_layers(lora_model)) == ["hidden"]
+    [record] = caplog.records
+    assert "moded (DenseWithMode)" in record.getMessage()
+    assert "depthwise" not in record.getMessage()
+    config = keras_lora.adapter_config(lora_model)
+    assert config.targets == ("all-linear",)
+
+
+def test_all_linear_on_a_subclassed_model_adapts_every_linear_layer():
+    """A subclassed model's outputs cannot be traced to a layer, so, as peft
+    does for a model that is not a transformers `PreTrainedModel`, no output
+    layer is left out."""
+    model, _ = transformer(blocks=1)
+    lora_model = keras_lora.convert(model, rank=2, targets="all-linear")
+    expected = [*attention(0), *ffn(0), "head"]
+    assert list(keras_lora.lora_layers(lora_model)) == expected
+
+
+# Trainable flags that Keras does not save.
+
+
+@keras.saving.register_keras_serializable(package="keras_lora_tests")
+class TokenPrepender(keras.layers.Layer):
+    """Owns a weight (a class token) beside a sub-layer, as ViT's embedding."""
+
+    def __init__(self, width=WIDTH, **kwargs):
+        super().__init__(**kwargs)
+        self.width = width
+        self.projection = keras.layers.Dense(width, name="projection")
+
+    def build(self, input_shape):
+        self.projection.build(input_shape)
+        self.class_token = self.add_weight(shape=(1, 1, self.width), name="token")
+
+    def call(self, inputs):
+        tokens = self.projection(inputs)
+        batch = keras.ops.shape(tokens)[0]
+        token = keras.ops.broadcast_to(self.class_token, (batch, 1, self.width))
+        return keras.ops.concatenate([token, tokens], axis=1)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width}
+
+
+def test_a_layer_holding_an_adapter_keeps_its_own_weights_frozen_after_loading(
+    tmp_path,
+):
+    inputs = keras.Input((SEQUENCE, WIDTH))
+    outputs_ = keras.layers.Dense(2, name="head")(TokenPrepender(name="embed")(inputs))
+    model = keras.Model(inputs, outputs_)
+    lora_model = keras_lora.convert(model, rank=2, targets=["projection"])
+    token = lora_model.get_layer("embed").class_token
+    assert lora_model.get_layer("embed").trainable and not token.trainable
+    expected = sorted(v.path for v in lora_model.trainable_weights)
+    path = tmp_path / "model.keras"
+    lora_model.save(path)
+    loaded = keras.models.load_model(path)
+    assert sorted(v.path for v in loaded.trainable_weights) == expected
+    assert not loaded.get_layer("embed").class_token.trainable

@@ -3,7 +3,13 @@
 import keras
 import pytest
 
-from keras_lora.targets import normalize_targets, pattern_value, select
+from keras_lora.targets import (
+    is_broad,
+    normalize_targets,
+    pattern_value,
+    select,
+    unwrapped,
+)
 
 ATTENTION = ("query", "key", "value", "attention_output")
 
@@ -380,3 +386,66 @@ def test_pattern_value(path, patterns, expected):
 def test_pattern_value_invalid_regex_raises():
     with pytest.raises(ValueError, match="Pattern key 'query\\(' is not a valid"):
         pattern_value("query", {"query(": 4})
+
+
+# The "all-linear" preset.
+
+
+def test_all_linear_selects_dense_and_einsum_dense_but_the_output_layers(layers):
+    selected = select(layers, "all-linear", output_paths=["classifier"])
+    expected = []
+    for block in range(2):
+        expected += attention_paths(block)
+        expected += [f"block_{block}/ffn/dense_1", f"block_{block}/ffn/dense_2"]
+    assert selected == expected
+
+
+def test_all_linear_without_output_layers_selects_every_linear_layer(layers):
+    assert "classifier" in select(layers, "all-linear")
+    assert "conv" not in select(layers, "all-linear")
+    assert "embedding" not in select(layers, "all-linear")
+
+
+def test_all_linear_takes_exclude(layers):
+    selected = select(layers, "all-linear", exclude="block_0/*")
+    assert selected[0] == "block_1/self_attention/query"
+
+
+def test_all_linear_with_only_output_layers_raises():
+    head = {"head": keras.layers.Dense(2, name="head")}
+    with pytest.raises(ValueError, match=r"'all-linear' finds no Dense.*\['head'\]"):
+        select(head, "all-linear", output_paths=["head"])
+
+
+@pytest.mark.parametrize(
+    "targets, argument",
+    [(["all-linear", "conv"], "targets"), ("all-linear", "exclude")],
+)
+def test_all_linear_is_a_preset_for_the_whole_of_targets(layers, targets, argument):
+    with pytest.raises(ValueError, match="preset for the whole of `targets`"):
+        normalize_targets(targets, argument)
+
+
+def test_is_broad():
+    assert is_broad(None)
+    assert is_broad("all-linear")
+    assert is_broad(("all-linear",))
+    assert not is_broad(["query"])
+
+
+class DenseWithMode(keras.layers.Dense):
+    """A Dense subclass whose call takes an extra argument."""
+
+    def call(self, inputs, mode=None):
+        return super().call(inputs)
+
+
+def test_unwrapped_lists_subclasses_whose_call_a_wrapper_cannot_cover(layers):
+    candidates = {**layers, "moded": DenseWithMode(2, name="moded")}
+    reasons = unwrapped(candidates)
+    assert list(reasons) == ["moded"]
+    assert "changes the call signature of keras.layers.Dense" in reasons["moded"]
+    assert "register_wrapper" in reasons["moded"]
+    assert unwrapped(candidates, "all-linear") == reasons
+    assert unwrapped(candidates, exclude="moded") == {}
+    assert "moded" not in select(candidates)
