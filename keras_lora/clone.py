@@ -28,7 +28,7 @@ from keras_lora.tracking import (
     rewire,
     unlocked_state,
 )
-from keras_lora.walk import children, resolve, walk
+from keras_lora.walk import children, own_variables, resolve, walk
 
 
 def rebuild(model: keras.Model, replacements: dict[int, keras.layers.Layer]):
@@ -182,6 +182,22 @@ def _frozen_steps(root) -> list[list]:
     return frozen
 
 
+def _frozen_variables(root) -> list[list]:
+    """`[steps, names]` for each layer under `root` (`root` itself at steps
+    `[]`) that trains but holds frozen variables of its own, such as a ViT
+    embedding's `class_token` beside an adapted projection: Keras saves
+    trainable flags per layer, not per variable."""
+    layers = [([], root)] + [(site.steps, site.layer) for site in walk(root).values()]
+    found = []
+    for steps, layer in layers:
+        if isinstance(layer, LoraLayer) or not layer.trainable:
+            continue
+        names = [v.name for v in own_variables(layer) if not v.trainable]
+        if names:
+            found.append([steps, names])
+    return found
+
+
 def _original_class(cls):
     return cls.__mro__[2] if issubclass(cls, LoraRoot) else cls
 
@@ -203,8 +219,8 @@ def _lora_class(original):
 @keras.saving.register_keras_serializable(package="keras_lora", name="LoraRoot")
 class LoraRoot:
     """Mix-in for layers that rebuild their own sub-layers: their config adds
-    where each wrapper sits and which layers are frozen, and loading re-applies
-    both.
+    where each wrapper sits and which layers and variables are frozen, and
+    loading re-applies all three.
 
     A converted model of such a class is an instance of a subclass of its own
     class (same name, methods and attributes) with this mix-in first.
@@ -221,7 +237,12 @@ class LoraRoot:
             {"steps": steps, "wrapper": keras.saving.serialize_keras_object(wrapper)}
             for steps, wrapper in _wrapper_sites(self)
         ]
-        return {"base": base, "lora_sites": sites, "frozen": _frozen_steps(self)}
+        return {
+            "base": base,
+            "lora_sites": sites,
+            "frozen": _frozen_steps(self),
+            "frozen_variables": _frozen_variables(self),
+        }
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -240,4 +261,8 @@ class LoraRoot:
         model = rebuild(base, replacements)
         for steps in config.get("frozen", []):
             resolve(model, steps).trainable = False
+        for steps, names in config.get("frozen_variables", []):
+            for variable in own_variables(resolve(model, steps)):
+                if variable.name in names:
+                    variable.trainable = False
         return model
