@@ -12,6 +12,10 @@ VERSION = re.search(
     re.MULTILINE,
 ).group(1)
 
+# keras-hub 0.32 needs Python 3.11 and Keras 3.15; on Python 3.10 keras_lora
+# works without it, and its tests and example skip.
+KERAS_HUB = "keras-hub>=0.32; python_version >= '3.11'"
+
 setup(
     name="keras-lora",
     version=VERSION,
@@ -35,11 +39,15 @@ setup(
             "ruff==0.17.6",
             "scikit-learn",
             "matplotlib",
+            KERAS_HUB,
         ],
-        "examples": ["scikit-learn", "matplotlib"],
+        "examples": ["scikit-learn", "matplotlib", KERAS_HUB],
         # The JAX backend (KERAS_BACKEND=jax). torch has no extra: its default
         # wheel on Linux is the CUDA build; install the build you need.
         "jax": ["jax"],
+        # keras-hub models (transformers, vision backbones, task models):
+        # optional; keras_lora adapts its layers when it is installed.
+        "hub": [KERAS_HUB],
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     classifiers=[
