@@ -23,6 +23,7 @@ from keras_lora.layers import (
     LoraEinsumDense,
     LoraEmbedding,
     LoraLayer,
+    LoraReversibleEmbedding,
     register_wrapper,
 )
 from keras_lora.routing import adapter_per_example
@@ -38,6 +39,7 @@ __all__ = [
     "LoraEinsumDense",
     "LoraEmbedding",
     "LoraLayer",
+    "LoraReversibleEmbedding",
     "__version__",
     "adapter_config",
     "adapter_per_example",

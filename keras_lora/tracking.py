@@ -10,7 +10,8 @@ kernel other than its variable needs the private attribute behind the layer's
 `kernel` property. `tests/test_tracking.py` fails loudly if a Keras release
 changes what this module relies on (`Layer._tracker`,
 `Tracker.unlock/lock/locked/replace_tracked_value`, `Functional`,
-`KerasTensor._keras_history` and `Operation._inbound_nodes`, a kernel
+`KerasTensor._keras_history` and `Operation._inbound_nodes`,
+`keras.src.backend.set_keras_mask`, a kernel
 property that reads a private attribute holding the variable, and, under the
 torch backend, the `torch.nn.Module` registry that holds sub-layers).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 
 import keras
+from keras.src.backend import set_keras_mask
 from keras.src.models.functional import Functional
 
 
@@ -78,6 +80,23 @@ def producer(tensor) -> tuple[keras.layers.Layer, list, int]:
     history = tensor._keras_history
     node = history.operation._inbound_nodes[history.node_index]
     return history.operation, list(node.input_tensors), history.tensor_index
+
+
+def attach_mask(outputs, mask):
+    """Attaches `mask` to `outputs` as a Keras layer does inside `call`
+    (Keras' `ReversibleEmbedding` does; a wrapper that adds to its output
+    makes a new tensor, which must carry the mask again).
+
+    Args:
+        outputs: a tensor.
+        mask: a boolean mask, or `None` (nothing is attached).
+
+    Returns:
+        `outputs`.
+    """
+    if mask is not None:
+        set_keras_mask(outputs, mask)
+    return outputs
 
 
 @contextlib.contextmanager

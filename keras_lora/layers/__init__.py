@@ -7,6 +7,7 @@ from keras_lora.layers.dense import LoraDense
 from keras_lora.layers.einsum_dense import LoraEinsumDense
 from keras_lora.layers.embedding import LoraEmbedding
 from keras_lora.layers.registry import register_wrapper, supported_classes, wrapper_for
+from keras_lora.layers.reversible_embedding import LoraReversibleEmbedding
 
 __all__ = [
     "LoraAdapter",
@@ -18,6 +19,7 @@ __all__ = [
     "LoraEinsumDense",
     "LoraEmbedding",
     "LoraLayer",
+    "LoraReversibleEmbedding",
     "register_wrapper",
     "supported_classes",
     "wrapper_for",

@@ -11,6 +11,11 @@ from keras_lora.layers.conv import LoraConv1D, LoraConv2D, LoraConv3D
 from keras_lora.layers.dense import LoraDense
 from keras_lora.layers.einsum_dense import LoraEinsumDense
 from keras_lora.layers.embedding import LoraEmbedding
+from keras_lora.layers.reversible_embedding import (
+    KERAS_REVERSIBLE_EMBEDDING,
+    LoraReversibleEmbedding,
+    keras_hub_reversible_embedding,
+)
 
 _WRAPPERS: dict[type, type[LoraLayer]] = {
     keras.layers.Dense: LoraDense,
@@ -20,6 +25,8 @@ _WRAPPERS: dict[type, type[LoraLayer]] = {
     keras.layers.Conv3D: LoraConv3D,
     keras.layers.Embedding: LoraEmbedding,
 }
+if KERAS_REVERSIBLE_EMBEDDING is not None:
+    _WRAPPERS[KERAS_REVERSIBLE_EMBEDDING] = LoraReversibleEmbedding
 
 
 def register_wrapper(
@@ -59,6 +66,8 @@ def wrapper_for(layer: keras.layers.Layer) -> type[LoraLayer] | None:
     The most specific registered class in the layer's MRO wins. A subclass
     whose `call` signature differs from the registered class's has no wrapper
     (the wrapper could not cover its other modes) unless registered itself.
+    keras-hub's `ReversibleEmbedding`, when `keras_hub` is imported and its
+    class is not Keras' (older keras-hub), counts as registered.
 
     Args:
         layer: a Keras layer.
@@ -66,9 +75,10 @@ def wrapper_for(layer: keras.layers.Layer) -> type[LoraLayer] | None:
     Returns:
         A `LoraLayer` subclass, or `None`.
     """
+    wrappers = _wrappers()
     for cls in type(layer).__mro__:
-        if cls in _WRAPPERS:
-            wrapper_class = _WRAPPERS[cls]
+        if cls in wrappers:
+            wrapper_class = wrappers[cls]
             same_call = _call_parameters(type(layer)) == _call_parameters(cls)
             return wrapper_class if same_call else None
     return None
@@ -80,4 +90,16 @@ def _call_parameters(cls) -> list[str]:
 
 def supported_classes() -> tuple[type, ...]:
     """The Keras layer classes that have a wrapper, in registration order."""
-    return tuple(_WRAPPERS)
+    return tuple(_wrappers())
+
+
+def _wrappers() -> dict[type, type[LoraLayer]]:
+    """The registered wrappers, plus keras-hub's own `ReversibleEmbedding`
+    class, looked up only once `keras_hub` is imported (importing it is slow;
+    current keras-hub subclasses Keras' class, registered above)."""
+    hub_class = keras_hub_reversible_embedding()
+    if hub_class is None or hub_class in _WRAPPERS:
+        return _WRAPPERS
+    if KERAS_REVERSIBLE_EMBEDDING and issubclass(hub_class, KERAS_REVERSIBLE_EMBEDDING):
+        return _WRAPPERS
+    return {**_WRAPPERS, hub_class: LoraReversibleEmbedding}
