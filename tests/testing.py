@@ -22,6 +22,7 @@ from keras_lora.layers import (
     LoraEinsumDense,
     LoraEmbedding,
     LoraLayer,
+    LoraReversibleEmbedding,
 )
 
 RANK = 4
@@ -47,11 +48,11 @@ class Case:
 
     @property
     def integer_inputs(self) -> bool:
-        return self.wrapper is LoraEmbedding
+        return issubclass(self.wrapper, LoraEmbedding)
 
     @property
     def supports_dropout(self) -> bool:
-        return self.wrapper is not LoraEmbedding
+        return not issubclass(self.wrapper, LoraEmbedding)
 
     def inputs(self, seed: int = 0) -> np.ndarray:
         rng = np.random.default_rng(seed)
@@ -185,6 +186,17 @@ CASES = [
         (VOCABULARY, RANK),
         (RANK, 6),
     ),
+    # The lookup direction, untied so that DoRA applies;
+    # tests/layers/test_reversible_embedding.py checks the tied and reverse
+    # directions.
+    Case(
+        "reversible_embedding",
+        LoraReversibleEmbedding,
+        functools.partial(layers.ReversibleEmbedding, VOCABULARY, 6, tie_weights=False),
+        (2, 5),
+        (VOCABULARY, RANK),
+        (RANK, 6),
+    ),
 ]
 
 # One case per wrapper class, for the slower checks (fit, mixed precision).
@@ -195,6 +207,7 @@ TYPE_CASE_IDS = (
     "conv2d_strided_same",
     "conv3d",
     "embedding_mask_zero",
+    "reversible_embedding",
 )
 TYPE_CASES = [case for case in CASES if case.id in TYPE_CASE_IDS]
 DROPOUT_CASES = [case for case in CASES if case.supports_dropout]

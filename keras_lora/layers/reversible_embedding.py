@@ -177,8 +177,8 @@ class LoraReversibleEmbedding(LoraEmbedding):
                 layer, LoraLayer
             ):
                 raise TypeError(
-                    "LoraReversibleEmbedding wraps ReversibleEmbedding layers "
-                    "(keras.layers.ReversibleEmbedding or keras-hub's); use "
+                    "LoraReversibleEmbedding wraps keras.layers."
+                    "ReversibleEmbedding layers (or keras-hub's); use "
                     "keras_lora.LoraEmbedding for a plain Embedding. Received: "
                     f"layer={layer.name} of type {type(layer).__name__}"
                 )

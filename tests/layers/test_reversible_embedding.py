@@ -402,7 +402,8 @@ def test_dora_with_untied_weights_is_the_embedding_dora():
 
 @needs_keras_class
 def test_a_plain_embedding_and_dropout_are_refused():
-    with pytest.raises(TypeError, match="wraps ReversibleEmbedding layers.*LoraEmb"):
+    refused = "wraps keras.layers.ReversibleEmbedding layers.*LoraEmb"
+    with pytest.raises(TypeError, match=refused):
         LoraReversibleEmbedding(keras.layers.Embedding(VOCABULARY, WIDTH))
     with pytest.raises(ValueError, match="takes no dropout"):
         LoraReversibleEmbedding(ReversibleEmbedding(VOCABULARY, WIDTH), dropout=0.1)
