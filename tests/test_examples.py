@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from backends import saved_model_export
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -87,3 +88,17 @@ def test_lora_vs_full(tmp_path):
         assert 0 <= accuracy <= 1 and step_ms > 0 and peak_mb > 0
     png = tmp_path / "out" / "lora_vs_full.png"
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_causal_lm(tmp_path):
+    pytest.importorskip("keras_hub")
+    output = run_example("causal_lm.py", tmp_path, "--out", str(tmp_path))
+    assert "trainable params:" in output
+    counts = re.findall(
+        r"completed exactly from their first words: (\d+)/(\d+)", output
+    )
+    assert len(counts) == 2  # the base, then the fine-tuned model
+    assert all(0 <= int(exact) <= int(total) for exact, total in counts)
+    assert re.findall(r"same text: (\w+)", output) == ["True", "True"]
+    assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
+    assert (tmp_path / "base" / "config.json").is_file()
