@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Mapping, Sequence
 
 import keras
 
@@ -21,14 +23,29 @@ from keras_lora.layers.base import LoraLayer
 from keras_lora.layers.initialization import deferred_initialization, initialize
 from keras_lora.layers.registry import wrapper_for
 from keras_lora.quantization import dequantize_and_unload
-from keras_lora.targets import is_broad, select, unwrapped
+from keras_lora.targets import Target, is_broad, select, unwrapped
 from keras_lora.walk import bias_variable, output_paths, own_variables, walk
 
 logger = logging.getLogger("keras_lora")
 
 
 def convert(
-    model: keras.Model, config: LoraConfig | None = None, **config_fields
+    model: keras.Model,
+    config: LoraConfig | None = None,
+    *,
+    rank: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets: Target | Sequence[Target] | None = None,
+    exclude: Target | Sequence[Target] | None = None,
+    use_rslora: bool = False,
+    init: str | bool = "default",
+    use_dora: bool = False,
+    bias: str = "none",
+    train: Sequence[str] = (),
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    adapter_name: str = "default",
 ) -> keras.Model:
     """Returns `model` with LoRA adapters on the selected layers.
 
@@ -47,7 +64,10 @@ def convert(
         model: a built Keras model.
         config: a `keras_lora.LoraConfig`. Alternatively pass its fields as
             keyword arguments (`convert(model, rank=4, targets=["query"])`).
-        **config_fields: `LoraConfig` fields, when `config` is not given.
+        rank, alpha, dropout, targets, exclude, use_rslora, init, use_dora,
+            bias, train, rank_pattern, alpha_pattern, adapter_name: the
+            `LoraConfig` fields, when `config` is not given; see
+            `keras_lora.LoraConfig`, which defines and checks them.
 
     Returns:
         The LoRA model.
@@ -63,7 +83,12 @@ def convert(
     >>> lora_model = keras_lora.convert(model, rank=8, targets=["query", "value"])
     >>> lora_model.compile(optimizer="adam", loss="mse")
     """
-    config = _resolve_config(config, config_fields)
+    fields = {
+        name: value
+        for name, value in locals().items()
+        if name in _FIELD_DEFAULTS and value != _FIELD_DEFAULTS[name]
+    }
+    config = _resolve_config(config, fields)
     _check_built(model)
     sites = walk(model)
     wrapped = [
@@ -119,6 +144,14 @@ def convert(
             len(skipped),
             _listing(candidates, skipped),
         )
+    _warn_of_unreachable_ranks(
+        {
+            path: replacements[id(layer)]
+            for path, layer in candidates.items()
+            if id(layer) in replacements
+        },
+        config.adapter_name,
+    )
     for wrapper in replacements.values():
         initialize(wrapper, wrapper.adapters[config.adapter_name])
     freeze(new_model, config.bias, [candidates[path] for path in train])
@@ -201,6 +234,24 @@ def _wrap_selected(candidates, selected, config):
     return replacements, skipped
 
 
+def _warn_of_unreachable_ranks(wrappers, adapter_name) -> None:
+    """One warning naming the layers (`wrappers`: path to wrapper) whose
+    adapter rank exceeds what their update can have (`min(fan_in, fan_out)`):
+    the extra rank only adds parameters."""
+    high = [
+        f"{path} (rank {wrapper.adapters[adapter_name].rank} > {wrapper.max_rank()})"
+        for path, wrapper in wrappers.items()
+        if wrapper.adapters[adapter_name].rank > wrapper.max_rank()
+    ]
+    if high:
+        logger.warning(
+            "The update of %d layers cannot have the rank asked, only "
+            "min(fan_in, fan_out); lower their rank with `rank_pattern`: %s",
+            len(high),
+            ", ".join(high),
+        )
+
+
 def _listing(candidates, reasons) -> str:
     return "; ".join(
         f"{path} ({type(candidates[path]).__name__}): {reason}"
@@ -222,6 +273,19 @@ def _wrap(layer, path, config) -> LoraLayer:
         adapter_name=config.adapter_name,
         name=layer.name,
     )
+
+
+# `convert`'s keyword arguments are LoraConfig's fields; a pattern's `None`
+# stands for LoraConfig's empty dict. tests/test_convert.py keeps them equal.
+_FIELD_DEFAULTS = {
+    **{
+        field.name: field.default
+        for field in dataclasses.fields(LoraConfig)
+        if field.default is not dataclasses.MISSING
+    },
+    "rank_pattern": None,
+    "alpha_pattern": None,
+}
 
 
 def _resolve_config(config, fields) -> LoraConfig:

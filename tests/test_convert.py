@@ -2,6 +2,8 @@
 model kind becomes. The checks every model kind shares are in
 tests/integration/test_model_kinds.py."""
 
+import dataclasses
+import inspect
 import re
 
 import keras
@@ -29,6 +31,7 @@ from integration.models import (
     outputs,
     train,
 )
+from testing import CASES, case_id
 
 import keras_lora
 from keras_lora.walk import walk
@@ -616,7 +619,7 @@ def mixed_cnn():
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = DenseWithMode(5, name="moded")(x)
     x = keras.layers.Dense(5, name="hidden")(x)
-    outputs = keras.layers.Dense(3, name="head")(keras.layers.Dropout(0.1)(x))
+    outputs = keras.layers.Dense(4, name="head")(keras.layers.Dropout(0.1)(x))
     model = keras.Model(inputs, outputs)
     data = np.random.default_rng(0).normal(size=(SAMPLES, 4, 4, 6))
     return model, data.astype("float32")
@@ -720,3 +723,64 @@ def test_a_layer_holding_an_adapter_keeps_its_own_weights_frozen_after_loading(
     loaded = keras.models.load_model(path)
     assert sorted(v.path for v in loaded.trainable_weights) == expected
     assert not loaded.get_layer("embed").class_token.trainable
+
+
+# The signature.
+
+
+def test_convert_takes_exactly_the_config_fields_with_their_defaults():
+    parameters = inspect.signature(keras_lora.convert).parameters
+    keywords = {
+        name: parameter.default
+        for name, parameter in parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    defaults = keras_lora.LoraConfig()
+    expected = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)}
+    # A pattern's None stands for the config's empty dict.
+    expected["rank_pattern"] = expected["alpha_pattern"] = None
+    assert list(keywords) == list(expected)
+    assert keywords == expected
+
+
+def test_a_misspelt_field_is_a_type_error_naming_it():
+    model, _ = transformer(blocks=1)
+    with pytest.raises(TypeError, match="targer"):
+        keras_lora.convert(model, targer=["query"])
+
+
+def test_fields_passed_with_a_config_are_an_error():
+    model, _ = transformer(blocks=1)
+    with pytest.raises(ValueError, match=r"not both.*\['rank'\]"):
+        keras_lora.convert(model, keras_lora.LoraConfig(), rank=2)
+
+
+def test_a_rank_above_min_fan_in_fan_out_is_named_in_one_warning(caplog):
+    inputs = keras.Input((4, 4, 3))
+    x = keras.layers.Conv2D(8, 1, name="narrow_in")(inputs)
+    x = keras.layers.Conv2D(8, 3, groups=4, padding="same", name="grouped")(x)
+    x = keras.layers.Dense(2, name="narrow_out")(x)
+    x = keras.layers.Dense(16, name="wide")(keras.layers.Dense(16, name="w0")(x))
+    model = keras.Model(inputs, x)
+    with caplog.at_level("WARNING", logger="keras_lora"):
+        keras_lora.convert(model, rank=4)
+    [record] = caplog.records
+    message = record.getMessage()
+    # Conv 1x1 from 3 channels: fan_in 3. Dense to 2 units: fan_out 2. The
+    # grouped conv: 4 groups of (3*3*2, 2) matrices, rank at most 4 * 2 = 8.
+    assert "narrow_in (rank 4 > 3), narrow_out (rank 4 > 2), w0 (rank 4 > 2)" in (
+        message
+    )
+    assert "grouped" not in message and "wide" not in message
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_max_rank_is_the_rank_of_a_full_random_update(case):
+    """`max_rank` against NumPy: a random update of rank 64 has it."""
+    wrapper = case.wrap(rank=64, init=False)
+    delta = wrapper.kernel_matrix(wrapper.get_delta_weight())
+    # A grouped conv's update is one block of filters per group.
+    groups = getattr(wrapper.layer, "groups", 1)
+    blocks = np.split(keras.ops.convert_to_numpy(delta), groups, axis=1)
+    rank = sum(np.linalg.matrix_rank(block.astype("float64")) for block in blocks)
+    assert wrapper.max_rank() == rank

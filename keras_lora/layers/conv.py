@@ -6,6 +6,8 @@ class they adapt.
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
 
@@ -50,6 +52,14 @@ class LoraConv(LoraLayer):
                 f"matrix, so it does not support {operation}. Received: "
                 f"{operation} on a layer with groups={groups}"
             )
+
+    def max_rank(self):
+        # Each group's update is a (k... * in/groups, filters/groups) matrix
+        # of rank at most rank/groups.
+        *kernel_size, in_per_group, filters = self.kernel_variable.shape
+        groups = self.layer.groups
+        fan_in = math.prod(kernel_size) * in_per_group
+        return groups * min(fan_in, filters // groups)
 
     def factor_shapes(self, rank):
         *kernel_size, in_per_group, filters = self.kernel_variable.shape

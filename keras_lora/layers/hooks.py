@@ -10,6 +10,8 @@ Embedding), and `norm_axes` opts a type into DoRA.
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
 
@@ -33,6 +35,13 @@ class LoraHooks:
 
     def check_rank(self, rank: int) -> None:
         """Hook: refuses a rank this layer type cannot use (e.g. conv groups)."""
+
+    def max_rank(self) -> int:
+        """Hook: the largest rank the update of a built base kernel can have,
+        `min(fan_in, fan_out)`. This default reads both from the factor
+        shapes, `A: (fan_in axes..., rank)` and `B: (rank, fan_out axes...)`."""
+        a_shape, b_shape = self.factor_shapes(1)
+        return min(math.prod(a_shape[:-1]), math.prod(b_shape[1:]))
 
     def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Hook: the shapes of `lora_a` and `lora_b` for a built base layer."""
