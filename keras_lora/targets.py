@@ -351,8 +351,8 @@ def _describe(entry: Target) -> str:
 def _suggestion(entry: Target, candidates) -> str:
     if not _is_plain(entry):
         return ""
-    words = list(candidates) + list(_leaf_names(candidates))
-    close = difflib.get_close_matches(entry, words, n=3)
+    words = dict.fromkeys([*candidates, *_leaf_names(candidates)])
+    close = difflib.get_close_matches(entry, list(words), n=3)
     return f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
 
 

@@ -449,3 +449,11 @@ def test_unwrapped_lists_subclasses_whose_call_a_wrapper_cannot_cover(layers):
     assert unwrapped(candidates, "all-linear") == reasons
     assert unwrapped(candidates, exclude="moded") == {}
     assert "moded" not in select(candidates)
+
+
+def test_a_suggestion_names_each_close_match_once():
+    """A top-level layer's path is also its name; it is suggested once."""
+    candidates = {"hidden": keras.layers.Dense(2, name="hidden")}
+    with pytest.raises(ValueError, match="matches no layer") as error:
+        select(candidates, ["hiden"])
+    assert "Did you mean 'hidden'?" in str(error.value)
