@@ -7,6 +7,7 @@ import math
 import keras
 
 from keras_lora.adapters import lora_layers
+from keras_lora.walk import walk
 
 
 def trainable_parameters(model: keras.Model) -> tuple[int, int]:
@@ -35,7 +36,9 @@ def print_trainable_parameters(model: keras.Model, per_layer: bool = False) -> N
     Args:
         model: any Keras model.
         per_layer: also print each LoRA layer's path, active adapters, rank,
-            scale and adapter parameters.
+            scale and adapter parameters, then each layer that trains other
+            variables (`train` layers, biases), so that the rows add up to the
+            trainable total.
 
     Example:
 
@@ -62,6 +65,8 @@ def print_trainable_parameters(model: keras.Model, per_layer: bool = False) -> N
                 f"{sum(_size(v) for a in adapters for v in a.parameters.values()):,d}",
             )
         )
+    for path, (layer, size) in _trained_in_full(model).items():
+        rows.append((path, type(layer).__name__, "(trained)", "", "", f"{size:,d}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(
@@ -69,6 +74,28 @@ def print_trainable_parameters(model: keras.Model, per_layer: bool = False) -> N
                 cell.ljust(width) for cell, width in zip(row, widths, strict=True)
             )
         )
+
+
+def _trained_in_full(model) -> dict[str, tuple[keras.layers.Layer, int]]:
+    """Path to `(layer, trainable parameters)` for the trainable variables
+    outside adapters, each counted at the deepest layer holding it."""
+    adapters = {
+        id(variable)
+        for layer in lora_layers(model).values()
+        for adapter in layer.adapters.values()
+        for variable in adapter.weights
+    }
+    owners = {}
+    for path, site in walk(model).items():
+        for variable in site.layer.weights:
+            owners[id(variable)] = (path, site.layer)
+    found = {}
+    for variable in _unique(model.trainable_weights):
+        if id(variable) in adapters:
+            continue
+        path, layer = owners.get(id(variable), ("(model)", model))
+        found[path] = (layer, found.get(path, (layer, 0))[1] + _size(variable))
+    return found
 
 
 def _unique(variables):

@@ -90,3 +90,24 @@ def test_print_trainable_parameters_of_a_model_without_weights(capsys, per_layer
     keras_lora.print_trainable_parameters(model, per_layer=per_layer)
     out = capsys.readouterr().out
     assert out.startswith("trainable params: 0 || all params: 0 || trainable%: 0.0000")
+
+
+@pytest.mark.parametrize(
+    "config, extra",
+    [
+        # head trained in full: 40 * 10 + 10.
+        ({"targets": ["dense"], "train": ["head"]}, [["head", "Dense", "410"]]),
+        # bias="all": each wrapper's base bias, 40 and 10.
+        ({"bias": "all"}, [["dense", "LoraDense", "40"], ["head", "LoraDense", "10"]]),
+    ],
+    ids=["train", "bias"],
+)
+def test_the_per_layer_rows_add_up_to_the_trainable_total(capsys, config, extra):
+    model = lora_model(**config)
+    keras_lora.print_trainable_parameters(model, per_layer=True)
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[2:]]
+    trained = [[row[0], row[1], row[-1]] for row in rows if "(trained)" in row]
+    assert trained == extra
+    total = sum(int(row[-1].replace(",", "")) for row in rows)
+    assert total == keras_lora.trainable_parameters(model)[0]
