@@ -8,6 +8,7 @@ import tensorflow as tf
 import keras_lora
 from benchmarks import measure
 from benchmarks.report import MERGED_TARGET, UNMERGED_TARGET, Row, check
+from benchmarks.training import batch_tensors
 from benchmarks.workloads import RANK, Workload
 
 MODES = ("base", "base-copy", "unmerged", "merged")
@@ -22,7 +23,7 @@ def inference_rows(workload: Workload, rounds: int, warmup: int) -> list[Row]:
     the base model is timed too: its ratio to the first shows the run's noise
     (a merged model computes exactly what the base model does).
     """
-    x = tf.constant(workload.batch()[0])
+    x = batch_tensors(workload)[0]
     unmerged = _with_random_adapters(workload)
     merged = _with_random_adapters(workload)
     keras_lora.merge(merged)

@@ -96,11 +96,17 @@ class Children:
         jobs: key to `(function, args)`; `function` must be importable.
         workers: how many children may run at once. With 1, a job starts only
             when its result is asked for, so it never runs alongside a timing.
+        preload: more modules for the server to import first (keras-hub).
     """
 
-    def __init__(self, jobs: dict[object, tuple[Callable, tuple]], workers: int = 1):
+    def __init__(
+        self,
+        jobs: dict[object, tuple[Callable, tuple]],
+        workers: int = 1,
+        preload: tuple[str, ...] = (),
+    ):
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["keras_lora", "benchmarks.workloads"])
+        context.set_forkserver_preload(["keras_lora", "benchmarks.workloads", *preload])
         multiprocessing.forkserver.ensure_running()
         self._jobs = jobs
         self._futures = {}

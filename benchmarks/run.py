@@ -3,6 +3,7 @@
 python -m benchmarks                      # full run, several minutes
 python -m benchmarks --quick              # fewer rounds
 python -m benchmarks --workloads dense,conv --json results.json
+python -m benchmarks --workloads causal_lm  # keras-hub Gemma (needs keras-hub)
 python -m benchmarks --quick --tiny       # tiny shapes: checks it runs
 """
 
@@ -28,7 +29,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras_lora  # noqa: E402
 from benchmarks import conversion, inference, measure, report, training  # noqa: E402
-from benchmarks.workloads import WORKLOADS  # noqa: E402
+from benchmarks.workloads import REQUIRES, WORKLOADS, available  # noqa: E402
 
 FULL = {
     "rounds": 20,
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     # Full size: one child at a time, started only when its turn comes, so no
     # child runs beside a timing. Tiny shapes (a smoke run, whose timings mean
     # nothing): all children start now, two at a time, beside the timings.
-    children = measure.Children(jobs, workers=2 if args.tiny else 1)
+    preload = tuple(REQUIRES[name] for name in args.workloads if name in REQUIRES)
+    children = measure.Children(jobs, workers=2 if args.tiny else 1, preload=preload)
     if args.tiny:
         children.start_all()
     try:
@@ -126,8 +128,9 @@ def _parse(argv):
     )
     parser.add_argument(
         "--workloads",
-        default=",".join(WORKLOADS),
-        help=f"comma-separated, from {','.join(WORKLOADS)} (default: all)",
+        default=",".join(available()),
+        help=f"comma-separated, from {','.join(WORKLOADS)} (default: all whose "
+        "packages are installed)",
     )
     parser.add_argument(
         "--no-convert", dest="convert", action="store_false", help="skip convert()"
@@ -138,6 +141,13 @@ def _parse(argv):
     unknown = [name for name in args.workloads if name not in WORKLOADS]
     if unknown or not args.workloads:
         parser.error(f"--workloads must name some of {list(WORKLOADS)}: {unknown}")
+    missing = [name for name in args.workloads if name not in available()]
+    if missing:
+        parser.error(
+            f"--workloads {','.join(missing)} needs "
+            f"{', '.join(REQUIRES[name] for name in missing)}, which is not "
+            "installed: `pip install -e .[hub]`"
+        )
     return args
 
 

@@ -18,7 +18,7 @@ def step_rows(workload: Workload, rounds: int, warmup: int) -> list[Row]:
     All six models are timed in the same interleaved rounds, on the same fixed
     batch, so every ratio compares steps taken under the same load.
     """
-    x, y = (tf.constant(array) for array in workload.batch())
+    x, y = batch_tensors(workload)
     steps, models = {}, {}
     for jit_compile in (False, True):
         for setup in SETUPS:
@@ -109,7 +109,7 @@ def training_peak(workload_name: str, setup: str, tiny: bool, steps: int) -> dic
     """Run in a child process: trains `steps` steps, returns the RSS after the
     model was built and compiled and the peak RSS while training, in bytes."""
     workload = WORKLOADS[workload_name](tiny)
-    x, y = (tf.constant(array) for array in workload.batch())
+    x, y = batch_tensors(workload)
     model = make_model(workload, setup)
     compile_model(model, workload, jit_compile=False)
     after_build = measure.rss_bytes()
@@ -117,6 +117,11 @@ def training_peak(workload_name: str, setup: str, tiny: bool, steps: int) -> dic
         for _ in range(steps):
             model.train_on_batch(x, y)
     return {"after_build": after_build, "peak": rss["peak"]}
+
+
+def batch_tensors(workload: Workload) -> tuple:
+    """The workload's fixed `(x, y)` batch as tensors (`x` may be a dict)."""
+    return tuple(tf.nest.map_structure(tf.constant, part) for part in workload.batch())
 
 
 def _train_step(model, x, y):

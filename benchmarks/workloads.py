@@ -1,13 +1,15 @@
-"""The four training workloads of the suite, each at full and tiny size.
+"""The five training workloads of the suite, each at full and tiny size.
 
 A workload builds a fresh, built base model (same seed, same weights every
 time), a fixed batch, and names the layers LoRA adapts: the `targets` given to
 `keras_lora.convert` and the same layers for Keras' built-in `enable_lora`.
+The causal-LM workload needs keras-hub (the "hub" extra); the others Keras only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Callable
 
 import keras
@@ -25,20 +27,25 @@ class Workload:
         name: the workload's name in the report.
         description: what it is, for the report.
         build: returns a new built base model, seeded.
-        batch: returns the fixed `(x, y)` training batch as NumPy arrays.
+        batch: returns the fixed `(x, y)` training batch as NumPy arrays (`x`
+            a dict of them for a keras-hub model).
         loss: the Keras loss.
         targets: `keras_lora.convert` targets.
         adapted: returns the layers of a base model `targets` selects, for
             Keras' built-in `enable_lora`.
+        enable_builtin: how the `builtin` setup turns on Keras' built-in LoRA
+            (on exactly the `adapted` layers, everything else frozen); `None`:
+            `enable_lora(RANK)` on each `adapted` layer.
     """
 
     name: str
     description: str
     build: Callable[[], keras.Model]
-    batch: Callable[[], tuple[np.ndarray, np.ndarray]]
+    batch: Callable[[], tuple[object, np.ndarray]]
     loss: str | keras.losses.Loss
     targets: list
     adapted: Callable[[keras.Model], list[keras.layers.Layer]]
+    enable_builtin: Callable[[keras.Model], None] | None = None
 
 
 def dense(tiny: bool = False) -> Workload:
@@ -166,12 +173,90 @@ def attention(tiny: bool = False) -> Workload:
     )
 
 
+def causal_lm(tiny: bool = False) -> Workload:
+    """A Gemma-shaped keras-hub `GemmaCausalLM`, 4 layers, hidden 512, 4 x 128
+    tokens, vocabulary 8192.
+
+    Gemma 2B's proportions at hidden 512: 8 query heads x head_dim 64 (heads x
+    head_dim = hidden), one key/value head (multi-query attention), a gated
+    FFN 8 x hidden wide (keras-hub's `intermediate_dim` counts the gate and up
+    projections together: 8192), RMSNorm, RoPE and the tied embedding as LM
+    head. The vocabulary (8192) and batch (4) keep a full run of this workload
+    to about 5 minutes on 2 shared cores (docs/performance.md says why).
+    """
+    if tiny:
+        vocabulary, layers, heads, head_dim, batch, tokens = 64, 1, 2, 8, 2, 8
+    else:
+        vocabulary, layers, heads, head_dim, batch, tokens = 8192, 4, 8, 64, 4, 128
+    hidden = heads * head_dim
+    intermediate = 16 * hidden
+
+    def build():
+        import keras_hub  # the "hub" extra, for this workload only
+
+        keras.utils.set_random_seed(SEED)
+        backbone = keras_hub.models.GemmaBackbone(
+            vocabulary_size=vocabulary,
+            num_layers=layers,
+            num_query_heads=heads,
+            num_key_value_heads=1,
+            hidden_dim=hidden,
+            intermediate_dim=intermediate,
+            head_dim=head_dim,
+        )
+        return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+
+    def batch_arrays():
+        rng = np.random.default_rng(SEED)
+        ids = rng.integers(0, vocabulary, (batch, tokens + 1)).astype("int32")
+        inputs = {
+            "token_ids": ids[:, :-1],
+            "padding_mask": np.ones((batch, tokens), dtype="int32"),
+        }
+        return inputs, ids[:, 1:]
+
+    def adapted(model):
+        # The layers keras-hub's `enable_lora` adapts by default (named
+        # "query" and "value"), the same keras_lora's targets select.
+        return [
+            projection
+            for block in model.backbone.transformer_layers
+            for projection in (block.attention.query_dense, block.attention.value_dense)
+        ]
+
+    return Workload(
+        name="causal_lm",
+        description=f"keras-hub GemmaCausalLM ({layers} layers, hidden {hidden}, "
+        f"{heads} query heads x {head_dim}, 1 key/value head, FFN "
+        f"{intermediate // 2} gated, vocabulary {vocabulary}, tied LM head), "
+        f"batch {batch} x {tokens} tokens",
+        build=build,
+        batch=batch_arrays,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        targets=["query", "value"],
+        adapted=adapted,
+        enable_builtin=lambda model: model.backbone.enable_lora(RANK),
+    )
+
+
 WORKLOADS = {
     "dense": dense,
     "conv": conv,
     "embedding": embedding,
     "attention": attention,
+    "causal_lm": causal_lm,
 }
+# The packages a workload needs beyond Keras, by import name.
+REQUIRES = {"causal_lm": "keras_hub"}
+
+
+def available() -> list[str]:
+    """The workloads whose packages are installed here."""
+    return [
+        name
+        for name in WORKLOADS
+        if name not in REQUIRES or importlib.util.find_spec(REQUIRES[name])
+    ]
 
 
 def _floats(x_shape, y_shape):

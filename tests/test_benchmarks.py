@@ -1,5 +1,6 @@
 """The benchmark suite runs and reports every row (not how fast anything is)."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -7,10 +8,15 @@ import re
 import subprocess
 import sys
 
+import pytest
 from backends import tensorflow_benchmarks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-WORKLOADS = ("dense", "conv", "embedding", "attention")
+# The causal-LM workload (a keras-hub Gemma) runs where keras-hub is installed.
+HUB = importlib.util.find_spec("keras_hub") is not None
+WORKLOADS = ("dense", "conv", "embedding", "attention") + (
+    ("causal_lm",) if HUB else ()
+)
 SETUPS = ("full", "builtin", "keras_lora")
 
 
@@ -48,10 +54,34 @@ def test_quick_tiny_run_reports_every_row(tmp_path):
         row["detail"] == "jit_compile=True" for row in rows if row["section"] == "xla"
     )
     held = [row for row in rows if row["target"]]
-    assert len(held) == 4 * 5 + 2  # per workload: step, XLA, memory, 2 inference
+    # Per workload: step, XLA, memory, 2 inference; and 2 for convert().
+    targets = len(WORKLOADS) * 5 + 2
+    assert len(held) == targets
     assert all(row["passed"] in (True, False) for row in held)
     table = run.stdout.split("# all results")[1]
     for section, workload, variant in expected:
         line = rf"^{section} +{workload} +{variant} "
         assert re.search(line, table, re.MULTILINE), (section, workload, variant)
-    assert re.search(r"^targets: \d+/22 PASS", table, re.MULTILINE)
+    assert re.search(rf"^targets: \d+/{targets} PASS", table, re.MULTILINE)
+
+
+@tensorflow_benchmarks
+@pytest.mark.skipif(not HUB, reason="the causal-LM workload needs keras-hub")
+def test_causal_lm_lora_setups_train_the_same_layers():
+    # keras-hub's `backbone.enable_lora(8)` and keras_lora's targets
+    # ["query", "value"] adapt the same projections, and nothing else trains.
+    from benchmarks.setups import make_model
+    from benchmarks.workloads import causal_lm
+
+    workload = causal_lm(tiny=True)
+    for setup in ("builtin", "keras_lora"):
+        model = make_model(workload, setup)
+        # ".../query/lora_kernel_a" (Keras), ".../query/default/lora_a" (ours)
+        adapted = {
+            re.sub(r"(/default)?/lora_(kernel_)?[ab]$", "", variable.path)
+            for variable in model.trainable_weights
+        }
+        assert sorted(adapted) == [
+            "decoder_block_0/attention/query",
+            "decoder_block_0/attention/value",
+        ], setup
