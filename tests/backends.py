@@ -56,3 +56,9 @@ jax_distribution = pytest.mark.skipif(
     reason="runs once, in the JAX-backend run (the scenario starts its own JAX "
     "process with two host devices)",
 )
+
+tensorflow_graph_optimizers = pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="TensorFlow's graph optimisers (grappler) and their C++ log run on the "
+    "TensorFlow backend only",
+)

@@ -141,11 +141,12 @@ class LoraLayer(LoraHooks, keras.layers.Wrapper):
         for name in self._active_adapters:
             adapter = self._adapters[name]
             x = adapter.apply_dropout(inputs, training=training)
-            update = self._factorised_update(adapter, x)
             if adapter.use_dora:
+                update = self._factorised_update(adapter, x)
                 outputs = dora.output(self, adapter, outputs, x, update, training)
             else:
-                outputs = ops.add(outputs, ops.cast(update, outputs.dtype))
+                update = self._factorised_update(adapter, x, negated=True)
+                outputs = _add_negated(outputs, update)
         return activation(outputs) if activation is not None else outputs
 
     def compute_output_shape(self, input_shape):
@@ -611,13 +612,15 @@ class LoraLayer(LoraHooks, keras.layers.Wrapper):
         delta = self.delta(adapter.lora_a, adapter.lora_b) * adapter.scale
         return ops.cast(delta, "float32")
 
-    def _factorised_update(self, adapter: LoraAdapter, x):
-        """`scale * B(A(x))` of one adapter, in the compute dtype."""
+    def _factorised_update(self, adapter: LoraAdapter, x, negated=False):
+        """`scale * B(A(x))` of one adapter (`-scale * ...` if `negated`), in
+        the compute dtype."""
         lora_b = ops.cast(adapter.lora_b, self.compute_dtype)
-        if adapter.scale != 1.0:
+        scale = -adapter.scale if negated else adapter.scale
+        if scale != 1.0:
             # Every adapter output is linear in B: scaling the small factor
             # saves a pass over the full-size output.
-            lora_b = lora_b * adapter.scale
+            lora_b = lora_b * scale
         return self.adapter_output(
             x, ops.cast(adapter.lora_a, self.compute_dtype), lora_b
         )
@@ -629,9 +632,8 @@ class LoraLayer(LoraHooks, keras.layers.Wrapper):
         with _without_activation(self.layer) as activation:
             outputs = self.layer(inputs, training=training)
         for position, name in routing.adapters():
-            update = self._factorised_update(self._adapters[name], inputs)
-            update = routing.select(position, ops.cast(update, outputs.dtype))
-            outputs = ops.add(outputs, update)
+            update = self._factorised_update(self._adapters[name], inputs, True)
+            outputs = _add_negated(outputs, routing.select(position, update))
         return activation(outputs) if activation is not None else outputs
 
 
@@ -651,6 +653,18 @@ def _unquantized_policy(policy):
         if policy.compute_dtype != policy.variable_dtype
         else policy.variable_dtype
     )
+
+
+def _add_negated(outputs, negated_update):
+    """`outputs + update`, computed as `outputs - (-update)`: the same bits.
+
+    TensorFlow's oneDNN remapper fuses MatMul or Conv + BiasAdd + Add +
+    activation, and on that chain with an adapter update as the Add's other
+    input it fails ("... has an empty op name"), logs errors, and skips the
+    whole optimisation pass for the function. A subtraction is outside the
+    pattern. The update is negated through `B`, the small factor, for free.
+    """
+    return ops.subtract(outputs, ops.cast(negated_update, outputs.dtype))
 
 
 @contextlib.contextmanager
