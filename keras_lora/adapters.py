@@ -218,11 +218,12 @@ def set_adapter(model: keras.Model, adapter_names: str | list[str]) -> None:
     _check_unmerged(model, layers, "set the adapter")
     check_adapter_names(model, layers, "adapter_names", names, adapter_names)
     trainable = trainable_ids(model)
+    before = _active_state(model, layers)
     for layer in layers.values():
         own = [name for name in names if name in layer.adapters]
         if own:
             layer.set_adapter(own)
-    reset_traced_functions(model)
+    _switch_predict_function(model, before, _active_state(model, layers))
     refresh_optimizer(model, trainable)
 
 
@@ -358,6 +359,12 @@ def _check_unmerged(model, layers, operation) -> None:
         )
 
 
+# The predict functions Keras traced for a model, by the active adapters they
+# were traced with: `set_adapter` back to those adapters reuses its function
+# instead of tracing it again. Any other change of adapter state drops them.
+_PREDICT_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def reset_traced_functions(model: keras.Model) -> None:
     """Drops the functions Keras traced for `fit`/`evaluate`/`predict`, so the
     next call traces them with the model's current adapter state.
@@ -365,9 +372,28 @@ def reset_traced_functions(model: keras.Model) -> None:
     Args:
         model: a Keras model.
     """
+    _PREDICT_FUNCTIONS.pop(model, None)
     model.train_function = None
     model.test_function = None
     model.predict_function = None
+
+
+def _active_state(model: keras.Model, layers: dict[str, LoraLayer]) -> tuple:
+    active = tuple((path, layer.active_adapters) for path, layer in layers.items())
+    # A recompile with another `jit_compile` traces differently.
+    return getattr(model, "jit_compile", None), active
+
+
+def _switch_predict_function(model: keras.Model, before: tuple, after: tuple):
+    """`reset_traced_functions` for a switch of active adapters only: the
+    predict function traced before is kept for `before`, and one traced
+    for `after` earlier comes back."""
+    functions = _PREDICT_FUNCTIONS.setdefault(model, {})
+    if model.predict_function is not None:
+        functions[before] = model.predict_function
+    model.train_function = None
+    model.test_function = None
+    model.predict_function = functions.get(after)
 
 
 def trainable_ids(model: keras.Model) -> list[int]:

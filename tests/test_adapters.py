@@ -88,6 +88,29 @@ def test_predict_after_set_adapter_reflects_the_new_adapter():
     np.testing.assert_allclose(predict(model), default, rtol=0, atol=1e-6)
 
 
+def test_switching_back_reuses_the_predict_function_traced_for_those_adapters():
+    model = lora_model()
+    keras.utils.set_random_seed(1)
+    keras_lora.add_adapter(model, "b", keras_lora.LoraConfig(rank=3, init=False))
+    default = predict(model)
+    traced_default = model.predict_function
+    keras_lora.set_adapter(model, "b")
+    assert model.predict_function is None
+    adapted_b = predict(model)
+    traced_b = model.predict_function
+    keras_lora.set_adapter(model, "default")
+    assert model.predict_function is traced_default
+    np.testing.assert_array_equal(predict(model), default)
+    keras_lora.set_adapter(model, "b")
+    assert model.predict_function is traced_b
+    np.testing.assert_array_equal(predict(model), adapted_b)
+    # Any other change of adapter state traces anew.
+    keras_lora.add_adapter(model, "c", keras_lora.LoraConfig(rank=2))
+    keras_lora.set_adapter(model, "default")
+    assert model.predict_function is None
+    np.testing.assert_allclose(predict(model), default, atol=1e-6)
+
+
 def test_several_active_adapters_add_up():
     keras.utils.set_random_seed(0)
     dense = keras.Sequential([keras.Input((WIDTH,)), keras.layers.Dense(4)])
