@@ -64,10 +64,11 @@ def convert(
         model: a built Keras model.
         config: a `keras_lora.LoraConfig`. Alternatively pass its fields as
             keyword arguments (`convert(model, rank=4, targets=["query"])`).
-        rank, alpha, dropout, targets, exclude, use_rslora, init, use_dora,
-            bias, train, rank_pattern, alpha_pattern, adapter_name: the
+        rank, alpha, dropout, targets, exclude, use_rslora, init: the
             `LoraConfig` fields, when `config` is not given; see
             `keras_lora.LoraConfig`, which defines and checks them.
+        use_dora, bias, train, rank_pattern, alpha_pattern, adapter_name: the
+            other `LoraConfig` fields, likewise.
 
     Returns:
         The LoRA model.
