@@ -9,7 +9,8 @@ exported as a TensorFlow SavedModel, reloaded, and checked to predict what the
 LoRA model predicts.
 
 Run: `python examples/quickstart.py` (add `--smoke` for a few-second run,
-`--out DIR` to keep the adapter and the SavedModel).
+`--out DIR` to keep the adapter and the SavedModel; by default they go to a
+temporary folder deleted when the example ends).
 """
 
 import argparse
@@ -43,7 +44,7 @@ def build_cnn(num_classes: int) -> keras.Model:
     )
 
 
-def main(out: str, smoke: bool = False) -> None:
+def main(out: str, smoke: bool = False, temporary: bool = False) -> None:
     keras.utils.set_random_seed(0)
     epochs = 2 if smoke else 20
     images, labels = load_digits(return_X_y=True)
@@ -92,17 +93,24 @@ def main(out: str, smoke: bool = False) -> None:
         f"6. Exported and reloaded a SavedModel ({serving_dir}); "
         f"max output difference {gap:.2e}"
     )
+    if temporary:
+        print(
+            f"   {out} is a temporary folder, deleted as this example ends; "
+            "run it with --out DIR to keep the adapter and the SavedModel"
+        )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few-second run")
     parser.add_argument(
-        "--out", help="where to write the adapter and the SavedModel (default: temp)"
+        "--out",
+        help="where to write the adapter and the SavedModel "
+        "(default: a temporary folder, deleted when the example ends)",
     )
     args = parser.parse_args()
     if args.out:
         main(args.out, args.smoke)
     else:
         with tempfile.TemporaryDirectory() as out:
-            main(out, args.smoke)
+            main(out, args.smoke, temporary=True)
