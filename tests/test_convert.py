@@ -679,7 +679,8 @@ def test_all_linear_on_a_subclassed_model_adapts_every_linear_layer():
     model, _ = transformer(blocks=1)
     lora_model = keras_lora.convert(model, rank=2, targets="all-linear")
     expected = [*attention(0), *ffn(0), "head"]
-    assert list(keras_lora.lora_layers(lora_model)) == expected
+    # Under torch a subclassed model lists its sub-layers in another order.
+    assert sorted(keras_lora.lora_layers(lora_model)) == sorted(expected)
 
 
 # Trainable flags that Keras does not save.
