@@ -62,3 +62,10 @@ tensorflow_graph_optimizers = pytest.mark.skipif(
     reason="TensorFlow's graph optimisers (grappler) and their C++ log run on the "
     "TensorFlow backend only",
 )
+
+applications_zoo = pytest.mark.skipif(
+    BACKEND == "jax",
+    reason="the keras.applications CNNs of the model zoo run in the TensorFlow and "
+    "torch passes: on JAX each eager op compiles anew for each model's shapes, "
+    "about 7 minutes for the four on 2 cores; the keras-hub models run on JAX",
+)

@@ -19,6 +19,7 @@ import re
 import keras
 import numpy as np
 import pytest
+from backends import applications_zoo
 from integration.inspection import (
     adapter_variables,
     assert_bit_identical,
@@ -121,7 +122,15 @@ def keras_lora_log():
         logger.removeHandler(handler)
 
 
-@pytest.fixture(scope="module", params=list(ZOO))
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(name, marks=applications_zoo)
+        if hasattr(factory, "application")
+        else name
+        for name, factory in ZOO.items()
+    ],
+)
 def name(request):
     return request.param
 

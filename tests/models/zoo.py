@@ -100,6 +100,7 @@ def _application(cls_name, attention_targets, calibrate=False, **config):
             calibrate_batch_norm(model, model_inputs(model, seed=1))
         return model, inputs, attention_targets
 
+    factory.application = cls_name
     return factory
 
 
