@@ -165,9 +165,10 @@ def test_refused_conversion_leaves_every_kernel_as_it_was():
     base = build_base()
     before = kernels(base)
     # The conv kernel is a 24 x 5 matrix: rank 6 does not fit, and it comes
-    # after the two layers that would have been rewritten.
+    # after the two layers that would have been rewritten. Targets that name
+    # layers (here a glob) raise; `targets=None` would skip the conv.
     with pytest.raises(ValueError, match="layer 'conv', a 24 x 5 matrix"):
-        keras_lora.convert(base, rank=6, init="pissa")
+        keras_lora.convert(base, rank=6, init="pissa", targets="*")
     for path, kernel in kernels(base).items():
         np.testing.assert_array_equal(kernel, before[path])
 
