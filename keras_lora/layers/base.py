@@ -578,7 +578,7 @@ class LoraLayer(LoraHooks, keras.layers.Wrapper):
             kernel = kernel + self._scaled_delta(adapter)
         return kernel
 
-    def _folding_is_cheaper(self, inputs) -> bool:
+    def _folding_is_cheaper(self, inputs, **call_arguments) -> bool:
         """Whether, in an inference call (`training` false or `None`, as
         Keras' Dropout reads it), adding the adapters to the kernel for this
         call costs less than computing them factorised. A custom training
@@ -599,7 +599,7 @@ class LoraLayer(LoraHooks, keras.layers.Wrapper):
         """
         if getattr(self.layer, "quantization_mode", None):
             return False
-        output_shape = self.compute_output_shape(tuple(inputs.shape))
+        output_shape = self.compute_output_shape(tuple(inputs.shape), **call_arguments)
         if not all(isinstance(size, int) for size in output_shape):
             return False
         return math.prod(output_shape) >= math.prod(self.kernel_variable.shape)

@@ -4,7 +4,6 @@ projection (`keras.layers.ReversibleEmbedding`, keras-hub's token embedding)."""
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 
 import keras
@@ -113,7 +112,11 @@ class LoraReversibleEmbedding(LoraEmbedding):
             or not self.layer.tie_weights
         ):
             return self.layer(inputs, reverse=True, training=training)
-        if routing is None and not training and self._folding_is_cheaper(inputs, True):
+        if (
+            routing is None
+            and not training
+            and self._folding_is_cheaper(inputs, reverse=True)
+        ):
             # Embedding does not autocast: the base reads the kernel in the
             # variable's dtype, and so must read the folded one.
             folded = ops.cast(
@@ -197,20 +200,6 @@ class LoraReversibleEmbedding(LoraEmbedding):
                 "dequantize. Adapt the float model, then quantize it. "
                 f"Received: layer={layer.name}"
             )
-
-    def _folding_is_cheaper(self, inputs, reverse=False) -> bool:
-        """`LoraLayer._folding_is_cheaper` for the direction called: the
-        reverse output is `input_dim` logits per position, so folding wins
-        from about `output_dim` positions on (a prompt, not one decoded
-        token)."""
-        if not reverse:
-            return super()._folding_is_cheaper(inputs)
-        if getattr(self.layer, "quantization_mode", None):
-            return False
-        output_shape = self.compute_output_shape(tuple(inputs.shape), reverse=True)
-        if not all(isinstance(size, int) for size in output_shape):
-            return False
-        return math.prod(output_shape) >= math.prod(self.kernel_variable.shape)
 
     def _reverse_update(self, adapter, inputs, logits):
         """`scale * (x @ B.T) @ A.T` of one adapter, computed in the dtype of

@@ -105,9 +105,9 @@ def test_lookup_is_rows_of_e_plus_scaled_rows_of_a_times_b(tie_weights):
 def test_tied_reverse_is_x_et_plus_scaled_x_bt_at_then_soft_cap(shape, cap):
     wrapper = wrap(logit_soft_cap=cap)
     x = hidden(shape)
-    assert wrapper._folding_is_cheaper(keras.ops.convert_to_tensor(x), True) == (
-        shape == MANY
-    )
+    assert wrapper._folding_is_cheaper(
+        keras.ops.convert_to_tensor(x), reverse=True
+    ) == (shape == MANY)
     expected = reverse_reference(wrapper, x, cap)
     # training=True always takes the factorised path (there is no dropout).
     for training in (False, True):
