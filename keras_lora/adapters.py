@@ -176,16 +176,8 @@ def add_adapter(model: keras.Model, adapter_name: str, config: LoraConfig) -> No
     added = []
     try:
         for path in selected:
-            rank, alpha = config.resolved(path)
-            layers[path].add_adapter(
-                adapter_name,
-                rank,
-                alpha,
-                config.dropout,
-                config.use_rslora,
-                config.init,
-                config.use_dora,
-            )
+            settings = config.adapter_settings(path)
+            layers[path].add_adapter(adapter_name, **settings.to_dict())
             added.append(layers[path])
     except Exception:
         for layer in added:

@@ -32,16 +32,17 @@ import numpy as np
 import safetensors.numpy
 
 from keras_lora.config import LoraConfig
-from keras_lora.layers.adapter import validate_adapter_settings
+from keras_lora.layers.settings import AdapterSettings
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
-SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "init", "use_dora")
 # Settings added after files of this format were first written, with the value
 # their absence means.
 SETTING_DEFAULTS = {"use_dora": False}
-_REQUIRED = tuple(key for key in SETTINGS if key not in SETTING_DEFAULTS)
+_REQUIRED = tuple(
+    key for key in AdapterSettings.field_names() if key not in SETTING_DEFAULTS
+)
 _LAYER_KEYS = ("path", "wrapper", *_REQUIRED)
 
 
@@ -242,8 +243,9 @@ def _check_layer_record(index: int, record: Any) -> list[str]:
         if not isinstance(record[key], str) or not record[key]:
             problems.append(f"{where}: {key} must be a non-empty string")
     try:
+        # Other keys are refused when the layer is matched, naming the layer.
         settings = layer_settings(record)
-        validate_adapter_settings(*(settings[key] for key in SETTINGS))
+        AdapterSettings(*(settings[key] for key in AdapterSettings.field_names()))
     except (TypeError, ValueError) as error:
         problems.append(f"{where}: {error}")
     return problems

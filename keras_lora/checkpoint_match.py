@@ -13,10 +13,10 @@ from collections.abc import Mapping
 import keras
 
 from keras_lora.checkpoint_format import adapter_keys, layer_settings
-from keras_lora.layers.adapter import rewrites_kernel
 from keras_lora.layers.base import LoraLayer
 from keras_lora.layers.initialization import deferred_initialization
 from keras_lora.layers.registry import wrapper_for
+from keras_lora.layers.settings import rewrites_kernel
 from keras_lora.walk import Site, own_variables, walk
 
 

@@ -35,8 +35,8 @@ from keras_lora.adapters import (
     reset_traced_functions,
 )
 from keras_lora.checkpoint import adapter_config
-from keras_lora.layers.adapter import rewrites_kernel
 from keras_lora.layers.initialization import factor_matrices, factors_from_matrices
+from keras_lora.layers.settings import rewrites_kernel
 
 COMBINATIONS = ("svd", "cat", "linear")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import keras
 
-from keras_lora.layers.adapter import validate_adapter_settings
+from keras_lora.layers.settings import AdapterSettings
 from keras_lora.targets import Target, normalize_targets, pattern_value
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -90,14 +90,7 @@ class LoraConfig:
     adapter_name: str = "default"
 
     def __post_init__(self):
-        validate_adapter_settings(
-            self.rank,
-            self.alpha,
-            self.dropout,
-            self.use_rslora,
-            self.init,
-            self.use_dora,
-        )
+        self._settings(self.rank, self.alpha)
         if not (isinstance(self.bias, str) and self.bias in BIAS_MODES):
             raise ValueError(
                 f"`bias` must be one of {BIAS_MODES}. Received: bias={self.bias!r}"
@@ -150,6 +143,33 @@ class LoraConfig:
         if alpha is None:
             alpha = rank if self.alpha is None else self.alpha
         return rank, float(alpha)
+
+    def adapter_settings(self, path: str) -> AdapterSettings:
+        """Returns the settings of the adapter the layer at `path` gets: its
+        `resolved(path)` rank and alpha, and the config's other settings.
+
+        Args:
+            path: a layer path, e.g. `"block_0/self_attention/query"`.
+
+        Returns:
+            A `keras_lora.layers.AdapterSettings`.
+
+        Raises:
+            ValueError: if the resolved rank does not suit `init`
+                (`"orthogonal"` needs an even rank).
+
+        Example:
+
+        >>> config = LoraConfig(rank=8, alpha=16, rank_pattern={"query": 4})
+        >>> config.adapter_settings("b/query").scale
+        4.0
+        """
+        return self._settings(*self.resolved(path))
+
+    def _settings(self, rank, alpha) -> AdapterSettings:
+        return AdapterSettings(
+            rank, alpha, self.dropout, self.use_rslora, self.init, self.use_dora
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as a JSON-serializable dict.

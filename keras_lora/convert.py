@@ -220,18 +220,9 @@ def _listing(candidates, reasons) -> str:
 
 
 def _wrap(layer, path, config) -> LoraLayer:
-    wrapper_class = wrapper_for(layer)
-    rank, alpha = config.resolved(path)
-    return wrapper_class(
-        layer,
-        rank=rank,
-        alpha=alpha,
-        dropout=config.dropout,
-        use_rslora=config.use_rslora,
-        init=config.init,
-        use_dora=config.use_dora,
-        adapter_name=config.adapter_name,
-        name=layer.name,
+    settings = config.adapter_settings(path)
+    return wrapper_for(layer)(
+        layer, **settings.to_dict(), adapter_name=config.adapter_name, name=layer.name
     )
 
 

@@ -8,8 +8,10 @@ from keras_lora.layers.einsum_dense import LoraEinsumDense
 from keras_lora.layers.embedding import LoraEmbedding
 from keras_lora.layers.registry import register_wrapper, supported_classes, wrapper_for
 from keras_lora.layers.reversible_embedding import LoraReversibleEmbedding
+from keras_lora.layers.settings import AdapterSettings
 
 __all__ = [
+    "AdapterSettings",
     "LoraAdapter",
     "LoraConv",
     "LoraConv1D",

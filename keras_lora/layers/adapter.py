@@ -3,118 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
-import re
 
 import keras
 
-# "pissa_niter_<K>" stands for "pissa_niter_0", "pissa_niter_1", ...: PiSSA
-# from a randomized SVD with K subspace iterations.
-INIT_METHODS = (
-    "default",
-    "gaussian",
-    "pissa",
-    "pissa_niter_<K>",
-    "olora",
-    "orthogonal",
-    False,
-)
-_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
-
-
-def is_init_method(init) -> bool:
-    """Whether `init` is one of `INIT_METHODS` (with K a non-negative integer).
-
-    Args:
-        init: a value passed as `init`.
-
-    Returns:
-        True if adapters accept it.
-    """
-    if init is False:
-        return True
-    if not isinstance(init, str) or init == "pissa_niter_<K>":
-        return False
-    return init in INIT_METHODS or _PISSA_NITER.fullmatch(init) is not None
-
-
-def pissa_iterations(init: str) -> int | None:
-    """The K of `"pissa_niter_K"`, or `None` for any other init."""
-    match = _PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
-    return int(match.group(1)) if match else None
-
-
-def computes_factors(init) -> bool:
-    """Whether `init` computes the factors from the layer (PiSSA, OLoRA,
-    orthogonal) rather than drawing them from an initializer."""
-    return isinstance(init, str) and (
-        init in ("pissa", "olora", "orthogonal") or pissa_iterations(init) is not None
-    )
-
-
-def rewrites_kernel(init) -> bool:
-    """Whether `init` replaces the base kernel by a residual (PiSSA, OLoRA)."""
-    return computes_factors(init) and init != "orthogonal"
-
-
-def validate_adapter_settings(
-    rank: int,
-    alpha: float | None = None,
-    dropout: float = 0.0,
-    use_rslora: bool = False,
-    init: str | bool = "default",
-    use_dora: bool = False,
-) -> None:
-    """Checks the settings every adapter shares, as `LoraConfig` does.
-
-    Args:
-        rank: the adapter rank, a positive integer.
-        alpha: the scaling numerator, a positive number, or `None` for `rank`.
-        dropout: the dropout rate on the adapter input, in `[0, 1)`.
-        use_rslora: whether the scale is `alpha / sqrt(rank)`.
-        init: one of `INIT_METHODS`; `"orthogonal"` needs an even rank.
-        use_dora: whether the adapter is DoRA (weight-decomposed).
-
-    Raises:
-        TypeError: if a value has the wrong type.
-        ValueError: if a value is out of range.
-    """
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
-        raise ValueError(f"`rank` must be a positive integer. Received: rank={rank!r}")
-    if alpha is not None and (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, numbers.Real)
-        or not alpha > 0
-        or not math.isfinite(alpha)
-    ):
-        raise ValueError(
-            "`alpha` must be a positive number, or None to use `rank`. "
-            f"Received: alpha={alpha!r}"
-        )
-    if (
-        isinstance(dropout, bool)
-        or not isinstance(dropout, numbers.Real)
-        or not 0.0 <= dropout < 1.0
-    ):
-        raise ValueError(
-            f"`dropout` must be a number in [0, 1). Received: dropout={dropout!r}"
-        )
-    if not isinstance(use_rslora, bool):
-        raise TypeError(
-            f"`use_rslora` must be a bool. Received: use_rslora={use_rslora!r}"
-        )
-    if not is_init_method(init):
-        raise ValueError(
-            f"`init` must be one of {INIT_METHODS}, K being a number of "
-            f"iterations (0, 1, ...). Received: init={init!r}"
-        )
-    if init == "orthogonal" and rank % 2:
-        raise ValueError(
-            "init='orthogonal' needs an even `rank`: A and B each take half of "
-            f"an orthogonal basis. Received: rank={rank!r}"
-        )
-    if not isinstance(use_dora, bool):
-        raise TypeError(f"`use_dora` must be a bool. Received: use_dora={use_dora!r}")
+from keras_lora.layers.dora import DoraVariant
+from keras_lora.layers.settings import AdapterSettings, rewrites_kernel
+from keras_lora.layers.variant import LoraVariant
 
 
 def factor_initializers(
@@ -169,15 +63,12 @@ class LoraAdapter(keras.layers.Layer):
     and saves each adapter's variables under the adapter's name.
 
     Args:
-        rank: the adapter rank.
-        alpha: the scaling numerator; `None` means `rank`.
-        dropout: dropout rate on the adapter input, applied only in training.
-        use_rslora: scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
-        init: how the factors start, one of `INIT_METHODS`. PiSSA and OLoRA
-            also keep the factors they start from (`initial_lora_a`,
+        rank, alpha, dropout, use_rslora, init, use_dora: the adapter's
+            settings, see `keras_lora.layers.AdapterSettings`. PiSSA and OLoRA
+            inits also keep the factors they start from (`initial_lora_a`,
             `initial_lora_b`, not trainable), see
-            `keras_lora.layers.initialization`.
-        use_dora: also hold a DoRA magnitude (see `keras_lora.layers.dora`).
+            `keras_lora.layers.initialization`; DoRA also holds a magnitude
+            (see `keras_lora.layers.dora`).
         **kwargs: base layer arguments (`name` is the adapter name).
     """
 
@@ -191,14 +82,11 @@ class LoraAdapter(keras.layers.Layer):
         use_dora: bool = False,
         **kwargs,
     ):
-        validate_adapter_settings(rank, alpha, dropout, use_rslora, init, use_dora)
+        settings = AdapterSettings(rank, alpha, dropout, use_rslora, init, use_dora)
         super().__init__(**kwargs)
-        self.rank = int(rank)
-        self.alpha = float(alpha) if alpha is not None else float(rank)
-        self.dropout = float(dropout)
-        self.use_rslora = use_rslora
-        self.init = init
-        self.use_dora = use_dora
+        self.adapter_settings = settings
+        # How the adapter computes, merges and unmerges: plain LoRA or DoRA.
+        self.variant = DoraVariant if settings.use_dora else LoraVariant
         self.lora_a = None
         self.lora_b = None
         self.initial_lora_a = None
@@ -212,11 +100,40 @@ class LoraAdapter(keras.layers.Layer):
         )
 
     @property
+    def rank(self) -> int:
+        """`adapter_settings.rank`."""
+        return self.adapter_settings.rank
+
+    @property
+    def alpha(self) -> float:
+        """`adapter_settings.alpha`."""
+        return self.adapter_settings.alpha
+
+    @property
+    def dropout(self) -> float:
+        """`adapter_settings.dropout`."""
+        return self.adapter_settings.dropout
+
+    @property
+    def use_rslora(self) -> bool:
+        """`adapter_settings.use_rslora`."""
+        return self.adapter_settings.use_rslora
+
+    @property
+    def init(self) -> str | bool:
+        """`adapter_settings.init`."""
+        return self.adapter_settings.init
+
+    @property
+    def use_dora(self) -> bool:
+        """`adapter_settings.use_dora`."""
+        return self.adapter_settings.use_dora
+
+    @property
     def scale(self) -> float:
-        """The factor applied to the adapter output: `alpha / rank` (rsLoRA:
+        """`adapter_settings.scale`: `alpha / rank` (rsLoRA:
         `alpha / sqrt(rank)`)."""
-        divisor = math.sqrt(self.rank) if self.use_rslora else self.rank
-        return self.alpha / divisor
+        return self.adapter_settings.scale
 
     def create_factors(
         self,
@@ -322,15 +239,10 @@ class LoraAdapter(keras.layers.Layer):
         return self.dropout_layer(inputs, training=training)
 
     def settings(self) -> dict:
-        """The settings that recreate this adapter: rank, alpha, dropout, ..."""
-        return {
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "dropout": self.dropout,
-            "use_rslora": self.use_rslora,
-            "init": self.init,
-            "use_dora": self.use_dora,
-        }
+        """`adapter_settings.to_dict()`: the keyword arguments that recreate
+        this adapter (rank, alpha, dropout, ...), as configs and files hold
+        them."""
+        return self.adapter_settings.to_dict()
 
     def get_config(self):
         base_config = super().get_config()

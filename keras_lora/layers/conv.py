@@ -35,12 +35,12 @@ class LoraConv(LoraLayer):
         training: Python bool; enables adapter dropout.
     """
 
-    def check_rank(self, rank):
+    def check_settings(self, settings):
         groups = self.layer.groups
-        if isinstance(rank, int) and rank % groups:
+        if settings.rank % groups:
             raise ValueError(
                 f"{type(self).__name__} '{self.layer.name}' has groups={groups}; "
-                f"`rank` must be divisible by it. Received: rank={rank}"
+                f"`rank` must be divisible by it. Received: rank={settings.rank}"
             )
 
     def check_matrix_view(self, operation):

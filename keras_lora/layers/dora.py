@@ -16,38 +16,93 @@ the dropped-out input instead, as in peft's `DoraLinearLayer.forward`.
 Each wrapper type supplies two hooks: `norm_axes` (the kernel axes the norm
 reduces; the other axes are the output units `m` has one entry per) and
 `output_layout(values, ndim)` (a per-unit tensor laid out to broadcast against
-the outputs). This module holds the math; `LoraLayer` calls it.
+the outputs). This module holds the math, as the variant `DoraVariant` that
+a DoRA adapter picks (see `keras_lora.layers.variant`).
 """
 
 from __future__ import annotations
 
 from keras import ops
 
+from keras_lora.layers.variant import LoraVariant
 
-def check_supported(layer) -> None:
-    """Refuses DoRA on a layer that cannot compute it.
 
-    Args:
-        layer: a `LoraLayer`.
+class DoraVariant(LoraVariant):
+    """DoRA: the adapted kernel's direction, rescaled by a trainable magnitude
+    `m` per output unit (`lora_magnitude_vector`)."""
 
-    Raises:
-        ValueError: if the layer type defines no `norm_axes`, or the base is
-            quantized (the weight norm needs the float kernel at every step,
-            and keras_lora dequantizes only outside the graph).
-    """
-    if layer.norm_axes is None:
-        raise ValueError(
-            f"{type(layer).__name__} does not support DoRA: it defines no "
-            "`norm_axes` hook. Received: use_dora=True"
-        )
-    mode = getattr(layer.layer, "quantization_mode", None)
-    if mode:
-        raise ValueError(
-            f"Layer '{layer.name}' wraps an {mode}-quantized base; DoRA needs the "
-            "float kernel for its weight norm at every step, which keras_lora "
-            "does not dequantize. Adapt the float model, or use use_dora=False. "
-            "Received: use_dora=True"
-        )
+    @staticmethod
+    def check(layer) -> None:
+        """Refuses DoRA on a layer that cannot compute it.
+
+        Args:
+            layer: a `LoraLayer`.
+
+        Raises:
+            ValueError: if the layer type defines no `norm_axes`, or the base
+                is quantized (the weight norm needs the float kernel at every
+                step, and keras_lora dequantizes only outside the graph).
+        """
+        if layer.norm_axes is None:
+            raise ValueError(
+                f"{type(layer).__name__} does not support DoRA: it defines no "
+                "`norm_axes` hook. Received: use_dora=True"
+            )
+        mode = getattr(layer.layer, "quantization_mode", None)
+        if mode:
+            raise ValueError(
+                f"Layer '{layer.name}' wraps an {mode}-quantized base; DoRA needs "
+                "the float kernel for its weight norm at every step, which "
+                "keras_lora does not dequantize. Adapt the float model, or use "
+                "use_dora=False. Received: use_dora=True"
+            )
+
+    @staticmethod
+    def create(layer, adapter) -> None:
+        """Creates the magnitude, from the factors as initialised, over the
+        base kernel as the adapter sees it (see `LoraAdapter.create_magnitude`).
+        """
+        adapter.create_magnitude(weight_norm(layer, adapter))
+
+    @staticmethod
+    def output(layer, adapter, outputs, dropped_inputs, training=None):
+        """`outputs + (m / ||V|| - 1) * (y - b) + (m / ||V||) * scale * B(A(x))`,
+        the norm a constant in the gradient; see `LoraVariant.output`."""
+        update = layer.scaled_output(adapter, dropped_inputs)
+        norm = ops.stop_gradient(weight_norm(layer, adapter))
+        factor = _magnitude(adapter) / norm
+        factor = layer.output_layout(factor, len(outputs.shape))
+        factor = ops.cast(factor, outputs.dtype)
+        if adapter.dropout_layer is not None and training:
+            # As peft: the magnitude rescales the base output of the input the
+            # adapter sees, computed again on the dropped-out input.
+            base = layer.base_output(dropped_inputs, training=training)
+        else:
+            base = outputs
+        bias = layer.output_bias()
+        if bias is not None:
+            base = base - ops.cast(bias, base.dtype)
+        update = ops.cast(update, outputs.dtype)
+        return outputs + (factor - 1) * base + factor * update
+
+    @staticmethod
+    def merge(layer, adapter, kernel):
+        """`m / ||W + dW|| * (kernel + dW)`: the norm is that of the base
+        kernel `W` plus this adapter's update `dW`, as the factorised output
+        uses, also with adapters before this one already in `kernel`."""
+        factor = _kernel_factor(layer, adapter, weight_norm(layer, adapter))
+        return factor * (kernel + layer.scaled_delta(adapter))
+
+    @staticmethod
+    def prepare_unmerge(layer, adapter) -> None:
+        """Keeps the weight norm `merge` divides by in `adapter.weight_norm`."""
+        adapter.weight_norm.assign(weight_norm(layer, adapter))
+
+    @staticmethod
+    def unmerge(layer, adapter, kernel):
+        """Undoes `merge`, with the norm `prepare_unmerge` kept."""
+        factor = _kernel_factor(layer, adapter, adapter.weight_norm)
+        return kernel / factor - layer.scaled_delta(adapter)
 
 
 def weight_norm(layer, adapter, kernel=None):
@@ -63,89 +118,12 @@ def weight_norm(layer, adapter, kernel=None):
         without `layer.norm_axes`).
 
     Raises:
-        ValueError: as `check_supported`.
+        ValueError: as `DoraVariant.check`.
     """
-    check_supported(layer)
+    DoraVariant.check(layer)
     kernel = layer.kernel_variable if kernel is None else kernel
-    adapted = ops.cast(kernel, "float32") + layer._scaled_delta(adapter)
+    adapted = ops.cast(kernel, "float32") + layer.scaled_delta(adapter)
     return ops.sqrt(ops.sum(ops.square(adapted), axis=layer.norm_axes))
-
-
-def output(layer, adapter, outputs, dropped_inputs, update, training=None):
-    """Returns `outputs` plus a DoRA adapter's contribution, factorised.
-
-    Args:
-        layer: the `LoraLayer` holding `adapter`, unmerged.
-        adapter: a DoRA `LoraAdapter` of `layer`.
-        outputs: the layer's outputs so far (before the activation): the base
-            output plus the adapters before this one.
-        dropped_inputs: the inputs after this adapter's dropout.
-        update: `scale * B(A(dropped_inputs))`.
-        training: whether the call trains (dropout is active).
-
-    Returns:
-        The outputs with the adapter applied, in their dtype.
-    """
-    norm = ops.stop_gradient(weight_norm(layer, adapter))
-    factor = _magnitude(adapter) / norm
-    factor = ops.cast(layer.output_layout(factor, len(outputs.shape)), outputs.dtype)
-    if adapter.dropout_layer is not None and training:
-        # As peft: the magnitude rescales the base output of the input the
-        # adapter sees, computed again on the dropped-out input.
-        base = layer.base_output(dropped_inputs, training=training)
-    else:
-        base = outputs
-    bias = layer.output_bias()
-    if bias is not None:
-        base = base - ops.cast(bias, base.dtype)
-    return outputs + (factor - 1) * base + factor * ops.cast(update, outputs.dtype)
-
-
-def merged_kernel(layer, adapter, kernel):
-    """Folds a DoRA adapter into `kernel`: `m / ||W + dW|| * (kernel + dW)`.
-
-    The norm is that of the base kernel `W` plus this adapter's update `dW`,
-    as the factorised output uses, so that a merged layer computes what the
-    unmerged one does, also with adapters before this one already in `kernel`.
-
-    Args:
-        layer: the `LoraLayer` holding `adapter`, unmerged.
-        adapter: a DoRA `LoraAdapter` of `layer`.
-        kernel: the float32 kernel so far (the base kernel plus the adapters
-            folded in before this one).
-
-    Returns:
-        The float32 kernel with the adapter folded in.
-    """
-    factor = _kernel_factor(layer, adapter, weight_norm(layer, adapter))
-    return factor * (kernel + layer._scaled_delta(adapter))
-
-
-def unmerged_kernel(layer, adapter, kernel):
-    """Undoes `merged_kernel`, with the norm `remember_norm` kept.
-
-    Args:
-        layer: the `LoraLayer` holding `adapter`, merged.
-        adapter: a merged DoRA `LoraAdapter` of `layer`.
-        kernel: the float32 kernel with this adapter (and any before it)
-            folded in.
-
-    Returns:
-        The float32 kernel without this adapter.
-    """
-    factor = _kernel_factor(layer, adapter, adapter.weight_norm)
-    return kernel / factor - layer._scaled_delta(adapter)
-
-
-def remember_norm(layer, adapter) -> None:
-    """Keeps the weight norm a merge divides by, so that unmerging can divide
-    it back: once merged, the base kernel it came from is gone.
-
-    Args:
-        layer: the `LoraLayer` holding `adapter`, before merging.
-        adapter: a DoRA `LoraAdapter` of `layer`.
-    """
-    adapter.weight_norm.assign(weight_norm(layer, adapter))
 
 
 def _magnitude(adapter):

@@ -39,24 +39,12 @@ class LoraEmbedding(LoraLayer):
     base_class = keras.layers.Embedding
     zero_factor = "a"
 
-    def add_adapter(
-        self,
-        adapter_name,
-        rank=8,
-        alpha=None,
-        dropout=0.0,
-        use_rslora=False,
-        init="default",
-        use_dora=False,
-    ):
-        if dropout:
+    def check_settings(self, settings):
+        if settings.dropout:
             raise ValueError(
                 "LoraEmbedding takes no dropout: its inputs are integer ids. "
-                f"Received: dropout={dropout!r}"
+                f"Received: dropout={settings.dropout!r}"
             )
-        super().add_adapter(
-            adapter_name, rank, alpha, dropout, use_rslora, init, use_dora
-        )
 
     @classmethod
     def kernel_of(cls, layer):

@@ -15,6 +15,8 @@ import math
 import keras
 from keras import ops
 
+from keras_lora.layers.settings import AdapterSettings
+
 
 class LoraHooks:
     """The per-type contract of a LoRA wrapper, with its defaults.
@@ -33,8 +35,10 @@ class LoraHooks:
         """Hook: the variable of a built base layer that adapters update."""
         return layer.kernel
 
-    def check_rank(self, rank: int) -> None:
-        """Hook: refuses a rank this layer type cannot use (e.g. conv groups)."""
+    def check_settings(self, settings: AdapterSettings) -> None:
+        """Hook: refuses adapter settings this layer type cannot take (a rank
+        conv groups do not divide, dropout on embedding ids), before anything
+        is created."""
 
     def max_rank(self) -> int:
         """Hook: the largest rank the update of a built base kernel can have,

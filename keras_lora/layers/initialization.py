@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 from collections.abc import Iterator
 
 import keras
 from keras import ops
 
-from keras_lora.layers.adapter import (
+from keras_lora.layers.settings import (
     computes_factors,
     pissa_iterations,
     rewrites_kernel,
@@ -180,14 +181,14 @@ def original_base_state(layer, adapter) -> tuple[dict, dict]:
     lora_a, lora_b = factors_from_matrices(
         layer, ops.concatenate([a, a_0], axis=1), ops.concatenate([b, -b_0], axis=0)
     )
-    settings = adapter.settings()
-    settings.update(
+    settings = dataclasses.replace(
+        adapter.adapter_settings,
         rank=2 * adapter.rank,
         alpha=adapter.alpha * (math.sqrt(2) if adapter.use_rslora else 2),
         init="default",
     )
     parameters = {**adapter.parameters, "lora_a": lora_a, "lora_b": lora_b}
-    return settings, parameters
+    return settings.to_dict(), parameters
 
 
 def factor_matrices(lora_a, lora_b):

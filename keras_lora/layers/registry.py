@@ -84,6 +84,56 @@ def wrapper_for(layer: keras.layers.Layer) -> type[LoraLayer] | None:
     return None
 
 
+def check_wrappable(wrapper: LoraLayer, layer) -> None:
+    """Refuses a layer that `wrapper`, being created, cannot wrap.
+
+    Args:
+        wrapper: the new `LoraLayer`; its `base_class` is the class it adapts.
+        layer: the layer passed to it.
+
+    Raises:
+        TypeError: if `layer` is not an instance of `base_class`, or its class
+            changes the call signature of `base_class` (as `wrapper_for`, it
+            would have no wrapper; `register_wrapper` gives it one).
+        ValueError: if `layer` is a LoRA wrapper already, or has Keras'
+            built-in LoRA enabled.
+    """
+    wrapper_name, base_name = type(wrapper).__name__, wrapper.base_class.__name__
+    if not isinstance(layer, keras.layers.Layer):
+        raise TypeError(
+            f"`layer` must be a keras.layers.{base_name}. "
+            f"Received: layer={layer!r} of type {type(layer).__name__}"
+        )
+    if isinstance(layer, LoraLayer):
+        raise ValueError(
+            f"Layer '{layer.name}' is already a {type(layer).__name__}; add "
+            "another adapter with `add_adapter()` instead of wrapping it "
+            f"again. Received: layer={layer.name}"
+        )
+    if not isinstance(layer, wrapper.base_class):
+        raise TypeError(
+            f"{wrapper_name} wraps keras.layers.{base_name} layers. "
+            f"Received: layer={layer.name} of type {type(layer).__name__}"
+        )
+    if getattr(layer, "lora_enabled", False):
+        raise ValueError(
+            f"Layer '{layer.name}' has Keras' built-in LoRA enabled "
+            "(`enable_lora`); use one or the other, not both. "
+            f"Received: layer={layer.name}"
+        )
+    expected = _call_parameters(wrapper.base_class)
+    actual = _call_parameters(type(layer))
+    if actual != expected:
+        raise TypeError(
+            f"{wrapper_name} cannot wrap '{layer.name}': its class "
+            f"{type(layer).__name__} changes the call signature of "
+            f"keras.layers.{base_name} (expected call{tuple(expected)}, got "
+            f"call{tuple(actual)}), so the adapter would not apply to every "
+            "mode it has. Register a wrapper for it with "
+            "`keras_lora.register_wrapper`."
+        )
+
+
 def _call_parameters(cls) -> list[str]:
     return list(inspect.signature(cls.call).parameters)
 

@@ -99,13 +99,7 @@ class LoraReversibleEmbedding(LoraEmbedding):
         routing = routing_for_call(self, adapter_names, adapter_index)
         if routing is not None:
             routing.check(self, inputs, training)
-        if self._merged_adapters and training:
-            raise ValueError(
-                f"Layer '{self.name}' has merged adapters "
-                f"{self._merged_adapters} and cannot be trained: the "
-                "adapters would get no gradient. Call `unmerge()` before "
-                f"training. Received: training={training}"
-            )
+        self._refuse_merged_training(training)
         if (
             self._merged_adapters
             or not self._adapters_enabled
@@ -151,17 +145,8 @@ class LoraReversibleEmbedding(LoraEmbedding):
             self.compute_output_shape(inputs.shape, reverse), dtype=self.compute_dtype
         )
 
-    def add_adapter(
-        self,
-        adapter_name,
-        rank=8,
-        alpha=None,
-        dropout=0.0,
-        use_rslora=False,
-        init="default",
-        use_dora=False,
-    ):
-        if use_dora and self.layer.tie_weights:
+    def check_settings(self, settings):
+        if settings.use_dora and self.layer.tie_weights:
             raise ValueError(
                 f"Layer '{self.layer.name}' cannot take a DoRA adapter: its embeddings "
                 "are tied to the output projection (`reverse=True`), and DoRA's "
@@ -169,9 +154,7 @@ class LoraReversibleEmbedding(LoraEmbedding):
                 "Use use_dora=False for this layer (leave it out of a DoRA "
                 "config's `targets`). Received: use_dora=True"
             )
-        super().add_adapter(
-            adapter_name, rank, alpha, dropout, use_rslora, init, use_dora
-        )
+        super().check_settings(settings)
 
     def _check_layer(self, layer):
         reversible = reversible_embedding_class(layer)
