@@ -1,13 +1,18 @@
-"""keras_lora: LoRA (low-rank adaptation) for Keras 3 models."""
+"""keras_lora: LoRA (low-rank adaptation) for Keras 3 models.
+
+Entry points: `convert` (and `unload`, `merge_and_unload`), model-level adapter
+functions (`adapters.py`, `merging.py`, `combination.py`), adapter files
+(`checkpoint`) and `export`. The wrappers are in `layers/`; `tree/` (paths,
+rebuilding, private Keras API) and the other modules are internals.
+"""
 
 from keras_lora.adapters import (
+    adapter_per_example,
     add_adapter,
     delete_adapter,
     disable_adapters,
     lora_layers,
-    merge,
     set_adapter,
-    unmerge,
 )
 from keras_lora.checkpoint import adapter_config, load_adapter, save_adapter
 from keras_lora.combination import add_weighted_adapter
@@ -26,7 +31,7 @@ from keras_lora.layers import (
     LoraReversibleEmbedding,
     register_wrapper,
 )
-from keras_lora.routing import adapter_per_example
+from keras_lora.merging import merge, unmerge
 from keras_lora.summary import print_trainable_parameters, trainable_parameters
 from keras_lora.version import __version__
 

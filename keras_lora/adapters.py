@@ -1,9 +1,8 @@
-"""Model-level adapter state: merge, unmerge, enable/disable, add/set/delete.
+"""Model-level adapter state: add, set, delete, disable, per-example routing.
 
 Every function takes the model first and applies to all of its LoRA layers, all
-or nothing. Layer state is Python state that Keras reads when it traces
-`fit`/`predict`, so each change also drops the model's traced functions (as
-`Model.quantize` does); they are traced again on next use.
+or nothing, then drops the model's traced functions (`compiled_state.py`).
+Merging is `merging.py`.
 """
 
 from __future__ import annotations
@@ -15,10 +14,13 @@ from collections.abc import Iterator
 
 import keras
 
+from keras_lora.compiled_state import reset_traced_functions
 from keras_lora.config import LoraConfig
+from keras_lora.freezing import trainable_change
+from keras_lora.layers.adapter_routing import adapter_routing, route, routing_of
 from keras_lora.layers.base import LoraLayer
 from keras_lora.targets import select
-from keras_lora.walk import walk
+from keras_lora.tree.walk import walk
 
 
 def lora_layers(model: keras.Model) -> dict[str, LoraLayer]:
@@ -40,67 +42,6 @@ def lora_layers(model: keras.Model) -> dict[str, LoraLayer]:
         for path, site in walk(model).items()
         if isinstance(site.layer, LoraLayer)
     }
-
-
-def merge(
-    model: keras.Model, adapter_names: list[str] | None = None, safe: bool = False
-) -> None:
-    """Folds the adapters into the base weights of every LoRA layer.
-
-    Args:
-        model: a LoRA model.
-        adapter_names: adapters to merge; `None` means each layer's active ones.
-        safe: check every merged kernel is finite before writing it.
-
-    Raises:
-        ValueError: if the model has no LoRA layer, a layer is already merged
-            or has its adapters disabled, a name is not an adapter of every
-            layer, a base is quantized, or (`safe=True`) a merged kernel would
-            not be finite. Every layer is checked before any kernel changes,
-            so the model is left exactly as it was.
-
-    Example:
-
-    >>> keras_lora.merge(lora_model)
-    """
-    layers = require_lora_layers(model)
-    _check_merge(model, layers, adapter_names, safe)
-    done = []
-    try:
-        for layer in layers.values():
-            layer.merge(adapter_names, safe=safe)
-            done.append(layer)
-    except Exception:
-        for layer in reversed(done):
-            layer.unmerge()
-        raise
-    reset_traced_functions(model)
-
-
-def unmerge(model: keras.Model) -> None:
-    """Subtracts the merged adapters from the base weights of every LoRA layer.
-
-    Args:
-        model: a merged LoRA model.
-
-    Raises:
-        ValueError: if the model has no LoRA layer or is not merged.
-
-    Example:
-
-    >>> keras_lora.merge(lora_model)
-    >>> keras_lora.unmerge(lora_model)
-    """
-    layers = require_lora_layers(model)
-    unmerged = [path for path, layer in layers.items() if not layer.merged]
-    if unmerged:
-        raise ValueError(
-            f"Model '{model.name}' is not merged; layers {unmerged} have nothing "
-            "to unmerge."
-        )
-    for layer in layers.values():
-        layer.unmerge()
-    reset_traced_functions(model)
 
 
 @contextlib.contextmanager
@@ -133,6 +74,75 @@ def disable_adapters(model: keras.Model) -> Iterator[keras.Model]:
         for path, layer in layers.items():
             if previous[path]:
                 layer.enable_adapters()
+        reset_traced_functions(model)
+
+
+@contextlib.contextmanager
+def adapter_per_example(
+    model: keras.Model,
+    adapter_names: list[str] | tuple[str, ...],
+    adapter_index=None,
+) -> Iterator[keras.Model]:
+    """Context manager in which each example of a batch uses its own adapter.
+
+    Inside the block, each example gets what the model gives it alone with its
+    adapter active (peft's `adapter_names=`); `"__base__"` (or index `-1`)
+    gives the base model's output. Each routed adapter runs on the whole batch,
+    masked to its examples. For inference only; to trace (`tf.function`,
+    `jax.jit`), enter the block inside the traced function, as
+    `keras_lora.export_per_example` does.
+
+    Args:
+        model: an unmerged LoRA model.
+        adapter_names: with `adapter_index=None`, one adapter name per example
+            (`"__base__"` for none); otherwise the adapter names the index
+            refers to, each once.
+        adapter_index: `None`, or integers of shape `(batch,)` (a list, NumPy
+            array or tensor, symbolic inside a traced function): example `i`
+            uses `adapter_names[adapter_index[i]]`, `-1` the base model.
+
+    Yields:
+        The model.
+
+    Raises:
+        TypeError: if `model` is not a Keras model, `adapter_names` is not a
+            list of strings, or `adapter_index` is not integer.
+        ValueError: if the model has no LoRA layer or is already routed; if a
+            LoRA layer is merged, has its adapters disabled, lacks a named
+            adapter or would use DoRA; if `adapter_index` has a value outside
+            `[-1, len(adapter_names))`; nothing is changed then. Inside the
+            block, a call in training or on a batch of another size raises
+            `ValueError`.
+
+    Example:
+
+    >>> with keras_lora.adapter_per_example(
+    ...     lora_model, ["task_a", "__base__", "task_b"]
+    ... ):
+    ...     y = lora_model(x[:3])
+    >>> names = ["task_a", "task_b"]
+    >>> with keras_lora.adapter_per_example(lora_model, names, [1, -1, 0]):
+    ...     y = lora_model(x[:3])
+    """
+    layers = require_lora_layers(model)
+    routing = adapter_routing(adapter_names, adapter_index)
+    routed = [path for path, layer in layers.items() if routing_of(layer)]
+    if routed:
+        raise ValueError(
+            f"Layers {routed} of model '{model.name}' are already routed by "
+            "an enclosing `keras_lora.adapter_per_example` block; route a "
+            "model with one block at a time."
+        )
+    for layer in layers.values():
+        routing.check(layer)
+    for layer in layers.values():
+        route(layer, routing)
+    reset_traced_functions(model)
+    try:
+        yield model
+    finally:
+        for layer in layers.values():
+            route(layer, None)
         reset_traced_functions(model)
 
 
@@ -209,14 +219,11 @@ def set_adapter(model: keras.Model, adapter_names: str | list[str]) -> None:
     layers = require_lora_layers(model)
     _check_unmerged(model, layers, "set the adapter")
     check_adapter_names(model, layers, "adapter_names", names, adapter_names)
-    trainable = trainable_ids(model)
-    before = _active_state(model, layers)
-    for layer in layers.values():
-        own = [name for name in names if name in layer.adapters]
-        if own:
-            layer.set_adapter(own)
-    _switch_predict_function(model, before, _active_state(model, layers))
-    refresh_optimizer(model, trainable)
+    with trainable_change(model, switched=layers):
+        for layer in layers.values():
+            own = [name for name in names if name in layer.adapters]
+            if own:
+                layer.set_adapter(own)
 
 
 def delete_adapter(model: keras.Model, adapter_name: str) -> None:
@@ -250,12 +257,10 @@ def delete_adapter(model: keras.Model, adapter_name: str) -> None:
             f"'{adapter_name}' is the last adapter of layers {last}; use "
             "`keras_lora.unload(model)` to drop LoRA entirely."
         )
-    trainable = trainable_ids(model)
-    for layer in holding.values():
-        layer.delete_adapter(adapter_name)
-    _CONFIGS.get(model, {}).pop(adapter_name, None)
-    reset_traced_functions(model)
-    refresh_optimizer(model, trainable)
+    with trainable_change(model):
+        for layer in holding.values():
+            layer.delete_adapter(adapter_name)
+        _CONFIGS.get(model, {}).pop(adapter_name, None)
 
 
 def check_model(model) -> None:
@@ -311,37 +316,6 @@ def require_lora_layers(model: keras.Model) -> dict[str, LoraLayer]:
     return layers
 
 
-def _check_merge(model, layers, adapter_names, safe) -> None:
-    """Refuses a merge that would fail part-way, before any kernel changes:
-    unmerging the layers merged before a failure subtracts what was added,
-    which does not give back the kernels bit for bit."""
-    merged = [path for path, layer in layers.items() if layer.merged]
-    if merged:
-        raise ValueError(
-            f"Layers {merged} of model '{model.name}' are already merged. Call "
-            "`keras_lora.unmerge(model)` first."
-        )
-    disabled = [path for path, layer in layers.items() if not layer.adapters_enabled]
-    if disabled:
-        raise ValueError(
-            f"Layers {disabled} of model '{model.name}' have their adapters "
-            "disabled; merge outside `keras_lora.disable_adapters`."
-        )
-    if adapter_names is not None:
-        lacking = [
-            path
-            for path, layer in layers.items()
-            if not set(adapter_names) <= set(layer.adapter_names)
-        ]
-        if lacking:
-            raise ValueError(
-                "`adapter_names` must name adapters of every LoRA layer; layers "
-                f"{lacking} lack some. Received: adapter_names={adapter_names!r}"
-            )
-    for layer in layers.values():
-        layer.merged_kernel(adapter_names, safe=safe)
-
-
 def _check_unmerged(model, layers, operation) -> None:
     merged = [path for path, layer in layers.items() if layer.merged]
     if merged:
@@ -349,73 +323,6 @@ def _check_unmerged(model, layers, operation) -> None:
             f"Cannot {operation} while layers {merged} of model '{model.name}' are "
             "merged. Call `keras_lora.unmerge(model)` first."
         )
-
-
-# The predict functions Keras traced for a model, by the active adapters they
-# were traced with: `set_adapter` back to those adapters reuses its function
-# instead of tracing it again. Any other change of adapter state drops them.
-_PREDICT_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def reset_traced_functions(model: keras.Model) -> None:
-    """Drops the functions Keras traced for `fit`/`evaluate`/`predict`, so the
-    next call traces them with the model's current adapter state.
-
-    Args:
-        model: a Keras model.
-    """
-    _PREDICT_FUNCTIONS.pop(model, None)
-    model.train_function = None
-    model.test_function = None
-    model.predict_function = None
-
-
-def _active_state(model: keras.Model, layers: dict[str, LoraLayer]) -> tuple:
-    active = tuple((path, layer.active_adapters) for path, layer in layers.items())
-    # A recompile with another `jit_compile` traces differently.
-    return getattr(model, "jit_compile", None), active
-
-
-def _switch_predict_function(model: keras.Model, before: tuple, after: tuple):
-    """`reset_traced_functions` for a switch of active adapters only: the
-    predict function traced before is kept for `before`, and one traced
-    for `after` earlier comes back."""
-    functions = _PREDICT_FUNCTIONS.setdefault(model, {})
-    if model.predict_function is not None:
-        functions[before] = model.predict_function
-    model.train_function = None
-    model.test_function = None
-    model.predict_function = functions.get(after)
-
-
-def trainable_ids(model: keras.Model) -> list[int]:
-    """The ids of `model`'s trainable variables, for `refresh_optimizer`."""
-    return [id(variable) for variable in model.trainable_variables]
-
-
-def refresh_optimizer(model: keras.Model, trainable_before: list[int]) -> None:
-    """Replaces `model`'s built optimizer by an unbuilt copy (same config) if
-    its trainable variables are no longer `trainable_before`.
-
-    A Keras optimizer is built for one list of variables: once another adapter
-    is trainable, `fit` refuses the new variables, and `model.save` writes
-    optimizer slots that do not fit them, so the file fails to load (or, with
-    equal shapes, loads another adapter's moments). Recompiling would be the
-    fix; this does it for the optimizer, built for the new trainable variables
-    as `Model.compile_from_config` builds it.
-
-    Args:
-        model: a Keras model, compiled or not.
-        trainable_before: `trainable_ids(model)` before the change.
-    """
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is None or not optimizer.built:
-        return
-    if trainable_ids(model) == trainable_before:
-        return
-    fresh = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
-    fresh.build(model.trainable_variables)
-    model.optimizer = fresh
 
 
 # The config each adapter was created with, per model, for `save_adapter`.

@@ -26,15 +26,14 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
-from keras_lora.adapter_state import config_for_layers
 from keras_lora.adapters import (
     check_adapter_names,
     check_model,
     lora_layers,
     record_config,
-    reset_traced_functions,
 )
-from keras_lora.checkpoint import adapter_config
+from keras_lora.checkpoint.describe import adapter_config, config_for_layers
+from keras_lora.compiled_state import reset_traced_functions
 from keras_lora.layers.initialization import factor_matrices, factors_from_matrices
 from keras_lora.layers.settings import rewrites_kernel
 

@@ -42,7 +42,7 @@ class LoraConfig:
             cover) keep none and are named in one warning on the
             `"keras_lora"` logger. `"all-linear"` (peft's preset) adapts every
             `Dense` and `EinsumDense` but the model's output layer (see
-            `keras_lora.walk.output_layers`), skipping in the same way. A
+            `keras_lora.tree.walk.output_layers`), skipping in the same way. A
             single target is stored as a one-element tuple.
         exclude: the layers to leave out, in the same forms as `targets`.
         use_rslora: scale by `alpha / sqrt(rank)` (rank-stabilized LoRA).

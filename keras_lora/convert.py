@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Mapping, Sequence
 
 import keras
 
-from keras_lora.adapters import (
-    check_model,
-    lora_layers,
-    merge,
-    record_config,
-    refresh_optimizer,
-    reset_traced_functions,
-    trainable_ids,
-)
-from keras_lora.clone import rebuild
+from keras_lora.adapters import check_model, lora_layers, record_config
 from keras_lora.config import LoraConfig
-from keras_lora.freezing import freeze
-from keras_lora.layers.base import LoraLayer
-from keras_lora.layers.initialization import deferred_initialization, initialize
-from keras_lora.layers.registry import wrapper_for
+from keras_lora.freezing import trainable_change
+from keras_lora.merging import merge
+from keras_lora.plan import apply, plan
 from keras_lora.quantization import dequantize_and_unload
-from keras_lora.targets import Target, is_broad, select, unwrapped
-from keras_lora.walk import output_paths, walk
-
-logger = logging.getLogger("keras_lora")
+from keras_lora.targets import Target
+from keras_lora.tree.rebuild import rebuild
+from keras_lora.tree.walk import walk
 
 
 def convert(
@@ -93,137 +81,11 @@ def convert(
     config = _resolve_config(config, fields)
     _check_built(model)
     sites = walk(model)
-    wrapped = [
-        path for path, site in sites.items() if isinstance(site.layer, LoraLayer)
-    ]
-    if wrapped:
-        raise ValueError(
-            f"Model '{model.name}' already has LoRA layers ({_preview(wrapped)}). "
-            "Add another adapter with `keras_lora.add_adapter(model, name, config)`."
-        )
-    candidates = {path: site.layer for path, site in sites.items()}
-    selected = select(
-        candidates,
-        config.targets,
-        config.exclude,
-        output_paths=output_paths(model, sites),
-    )
-    train = (
-        select(candidates, config.train, require_wrapper=False, argument="train")
-        if config.train
-        else []
-    )
-    # A `train` layer holding an adapted one would train its frozen base too
-    # (or not, depending on the backend), so that is refused as well.
-    overlap = sorted(
-        path
-        for path in train
-        if any(f"{adapted}/".startswith(f"{path}/") for adapted in selected)
-    )
-    if overlap:
-        raise ValueError(
-            "A layer cannot be both adapted and fully trained, and a fully "
-            "trained layer cannot hold adapted ones; remove it from `targets` "
-            f"or from `train`. Received: `train` selects {overlap}, adapted or "
-            "holding adapted layers"
-        )
-    flags = _trainable_flags(model)
-    trainable = trainable_ids(model)
-    try:
-        # A computed init (PiSSA, OLoRA rewrite the kernel) runs once every
-        # layer is wrapped, so that a refused layer leaves the others as they were.
-        with deferred_initialization():
-            replacements, skipped = _wrap_selected(candidates, selected, config)
-        new_model = rebuild(model, replacements)
-    except Exception:
-        _restore_flags(flags)
-        raise
-    if skipped:
-        logger.warning(
-            "`targets=%r` adapts every layer that can take this adapter; %d "
-            "cannot and keep no adapter: %s",
-            config.targets,
-            len(skipped),
-            _listing(candidates, skipped),
-        )
-    _warn_of_unreachable_ranks(
-        {
-            path: replacements[id(layer)]
-            for path, layer in candidates.items()
-            if id(layer) in replacements
-        },
-        config.adapter_name,
-    )
-    for wrapper in replacements.values():
-        initialize(wrapper, wrapper.adapters[config.adapter_name])
-    freeze(new_model, config.bias, [candidates[path] for path in train])
-    record_config(new_model, config)
-    # A subclassed model is rewired in place: what Keras traced or built for
-    # it before (predict, fit, the optimizer) still holds the old layers.
-    reset_traced_functions(new_model)
-    refresh_optimizer(new_model, trainable)
-    return new_model
-
-
-def _wrap_selected(candidates, selected, config):
-    """`(replacements, skipped)`: a wrapper for each selected layer, keyed by
-    the id of the layer. With broad targets (`is_broad`), a layer the wrapper
-    refuses (a grouped conv whose groups do not divide the rank, ...) is left
-    as it is and listed in `skipped` (path to reason) with the layers that
-    have no wrapper; with explicit targets the refusal propagates."""
-    broad = is_broad(config.targets)
-    skipped = unwrapped(candidates, config.targets, config.exclude) if broad else {}
-    replacements = {}
-    for path in selected:
-        layer = candidates[path]
-        trainable = layer.trainable
-        try:
-            replacements[id(layer)] = _wrap(layer, path, config)
-        except (ValueError, TypeError) as error:
-            if not broad:
-                raise
-            # The wrapper froze the layer before refusing it.
-            layer.trainable = trainable
-            skipped[path] = str(error)
-    if not replacements:
-        raise ValueError(
-            f"No selected layer can take this adapter: "
-            f"{_listing(candidates, skipped)}. Received: targets={config.targets!r}"
-        )
-    skipped = {path: skipped[path] for path in candidates if path in skipped}
-    return replacements, skipped
-
-
-def _warn_of_unreachable_ranks(wrappers, adapter_name) -> None:
-    """One warning naming the layers (`wrappers`: path to wrapper) whose
-    adapter rank exceeds what their update can have (`min(fan_in, fan_out)`):
-    the extra rank only adds parameters."""
-    high = [
-        f"{path} (rank {wrapper.adapters[adapter_name].rank} > {wrapper.max_rank()})"
-        for path, wrapper in wrappers.items()
-        if wrapper.adapters[adapter_name].rank > wrapper.max_rank()
-    ]
-    if high:
-        logger.warning(
-            "The update of %d layers cannot have the rank asked, only "
-            "min(fan_in, fan_out); lower their rank with `rank_pattern`: %s",
-            len(high),
-            ", ".join(high),
-        )
-
-
-def _listing(candidates, reasons) -> str:
-    return "; ".join(
-        f"{path} ({type(candidates[path]).__name__}): {reason}"
-        for path, reason in reasons.items()
-    )
-
-
-def _wrap(layer, path, config) -> LoraLayer:
-    settings = config.adapter_settings(path)
-    return wrapper_for(layer)(
-        layer, **settings.to_dict(), adapter_name=config.adapter_name, name=layer.name
-    )
+    planned = plan(model, config, sites)
+    with trainable_change(model) as change:
+        change.model = apply(model, planned, sites)
+        record_config(change.model, config)
+    return change.model
 
 
 # `convert`'s keyword arguments are LoraConfig's fields; a pattern's `None`
@@ -262,26 +124,6 @@ def _check_built(model) -> None:
             "`model.build(input_shape)` before converting, so that every layer "
             "has its weights."
         )
-
-
-def _trainable_flags(model):
-    layers = [site.layer for site in walk(model).values()]
-    return [(layer, layer.trainable) for layer in layers], [
-        (variable, variable.trainable) for variable in model.weights
-    ]
-
-
-def _restore_flags(flags) -> None:
-    layer_flags, variable_flags = flags
-    for layer, trainable in layer_flags:
-        layer.trainable = trainable
-    for variable, trainable in variable_flags:
-        variable.trainable = trainable
-
-
-def _preview(paths, limit=5) -> str:
-    shown = ", ".join(paths[:limit])
-    return shown if len(paths) <= limit else f"{shown}, ... {len(paths) - limit} more"
 
 
 def merge_and_unload(
@@ -358,8 +200,8 @@ def _unwrap(model):
         raise ValueError(
             f"Model '{model.name}' has no LoRA layer; there is nothing to unload."
         )
-    trainable = trainable_ids(model)
-    new_model = rebuild(model, {id(layer): layer.layer for layer in layers.values()})
-    reset_traced_functions(new_model)
-    refresh_optimizer(new_model, trainable)
-    return new_model
+    with trainable_change(model) as change:
+        change.model = rebuild(
+            model, {id(layer): layer.layer for layer in layers.values()}
+        )
+    return change.model

@@ -14,7 +14,7 @@ import keras
 
 from keras_lora.layers.base import LoraLayer, adapter_scope
 from keras_lora.layers.registry import wrapper_for
-from keras_lora.walk import walk
+from keras_lora.tree.walk import walk
 
 
 def add_adapter_layouts(

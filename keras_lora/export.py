@@ -18,9 +18,9 @@ import os
 
 import keras
 
-from keras_lora import adapters
-from keras_lora.clone import rebuild
-from keras_lora.routing import adapter_per_example
+from keras_lora import adapters, compiled_state, merging
+from keras_lora.adapters import adapter_per_example
+from keras_lora.tree.rebuild import rebuild
 
 
 def export(
@@ -73,7 +73,7 @@ def export(
         )
     merged_here = not any(merged)
     if merged_here:
-        adapters.merge(model)
+        merging.merge(model)
     try:
         wrappers = list(layers.values())
         plain = rebuild(model, {id(layer): layer.layer for layer in wrappers})
@@ -83,10 +83,10 @@ def export(
             # Layers owned by other layers were rewired in place to the base
             # layers; point them back at the wrappers.
             rebuild(plain, {id(layer.layer): layer for layer in wrappers})
-            adapters.reset_traced_functions(model)
+            compiled_state.reset_traced_functions(model)
     finally:
         if merged_here:
-            adapters.unmerge(model)
+            merging.unmerge(model)
 
 
 def export_per_example(

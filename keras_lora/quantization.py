@@ -15,9 +15,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lora.adapters import lora_layers, reset_traced_functions
-from keras_lora.clone import rebuild
+from keras_lora.adapters import lora_layers
+from keras_lora.compiled_state import reset_traced_functions
 from keras_lora.layers.base import LoraLayer
+from keras_lora.tree.keras_private import einsum_kernel_scale
+from keras_lora.tree.rebuild import rebuild
 
 SUPPORTED_MODES = ("int8", "int4")
 
@@ -79,7 +81,7 @@ def dequantized_kernel(layer: keras.layers.Layer) -> np.ndarray:
             return quantized / scale[:, None]
         return _dequantize_groups(quantized, scale, zero, groups, axis=1)
     if isinstance(layer, keras.layers.EinsumDense) and mode == "int8":
-        return quantized / _einsum_int8_scale(layer, scale)
+        return quantized / _numpy(einsum_kernel_scale(layer, scale))
     # Dense, and int4 EinsumDense: a (reduced axes) x (columns) matrix whose
     # columns each have a scale (per group of rows in sub-channel int4).
     columns = scale.shape[-1]
@@ -207,17 +209,6 @@ def _dequantize_groups(quantized, scale, zero, groups, axis):
     scale = np.take(scale, groups, axis=axis)
     zero = np.take(zero, groups, axis=axis).astype(scale.dtype)
     return (quantized - zero) * scale
-
-
-def _einsum_int8_scale(layer, scale):
-    """The int8 EinsumDense scale, laid out to broadcast against the kernel.
-
-    Keras stores it transposed and reshaped to match the einsum output; undoing
-    that layout needs its private `_adjust_scale_for_dequant` (what the layer's
-    own gradient uses). `tests/test_quantization.py` fails loudly if a Keras
-    release changes it.
-    """
-    return _numpy(layer._adjust_scale_for_dequant(scale))
 
 
 def _numpy(value) -> np.ndarray:

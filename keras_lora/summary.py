@@ -7,7 +7,7 @@ import math
 import keras
 
 from keras_lora.adapters import lora_layers
-from keras_lora.walk import walk
+from keras_lora.tree.walk import walk
 
 
 def trainable_parameters(model: keras.Model) -> tuple[int, int]:

@@ -87,7 +87,7 @@ def select(
         require_wrapper: whether selected layers must have a wrapper.
         argument: the name of `targets` in error messages, e.g. `"train"`.
         output_paths: the paths of the model's output layers (see
-            `keras_lora.walk.output_layers`), which `"all-linear"` leaves out.
+            `keras_lora.tree.walk.output_layers`), which `"all-linear"` leaves out.
 
     Returns:
         The selected paths, in the order of `candidates`.

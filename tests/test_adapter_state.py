@@ -5,8 +5,9 @@ import keras
 import pytest
 
 import keras_lora
-from keras_lora.adapter_state import config_for_layers, describes, trained_weights
-from keras_lora.walk import walk
+from keras_lora.checkpoint.describe import config_for_layers, describes
+from keras_lora.freezing import trained_weights
+from keras_lora.tree.walk import walk
 
 SETTINGS = {
     "rank": 4,

@@ -11,8 +11,8 @@ import pytest
 import safetensors.numpy
 
 import keras_lora
-from keras_lora.checkpoint_format import CONFIG_FILE, WEIGHTS_FILE
-from keras_lora.walk import walk
+from keras_lora.checkpoint.format import CONFIG_FILE, WEIGHTS_FILE
+from keras_lora.tree.walk import walk
 
 layers = keras.layers
 INPUTS = np.random.default_rng(0).uniform(-1, 1, (3, 4, 6)).astype("float32")

@@ -5,25 +5,16 @@ loads like any other, and every refusal leaves the model unchanged."""
 import keras
 import numpy as np
 import pytest
-from testing import (
-    CASES,
-    TYPE_CASES,
-    assert_unchanged,
-    case_id,
-    layer_state,
-    model_around,
-    randomize_adapter,
-)
+from testing.cases import CASES, TYPE_CASES, case_id
+from testing.layer_checks import assert_unchanged, layer_state, randomize_adapter
+from testing.model_checks import model_around
+from testing.references import float64
 
 import keras_lora
 
 layers = keras.layers
 WEIGHTS = [0.7, -0.3]
 type_cases = pytest.mark.parametrize("case", TYPE_CASES, ids=case_id)
-
-
-def numpy(tensor):
-    return keras.ops.convert_to_numpy(tensor).astype("float64")
 
 
 def two_adapter_model(case):
@@ -39,14 +30,14 @@ def two_adapter_model(case):
 
 def weighted_delta(wrapper, names, weights):
     return sum(
-        w * numpy(wrapper.get_delta_weight(n))
+        w * float64(wrapper.get_delta_weight(n))
         for n, w in zip(names, weights, strict=True)
     )
 
 
 def matrices(wrapper, name):
     adapter = wrapper.adapters[name]
-    a, b = numpy(adapter.lora_a), numpy(adapter.lora_b)
+    a, b = float64(adapter.lora_a), float64(adapter.lora_b)
     return a.reshape(-1, adapter.rank), b.reshape(adapter.rank, -1)
 
 
@@ -55,12 +46,12 @@ def test_cat_equals_both_adapters_active_at_once(case):
     model, wrapper = two_adapter_model(case)
     x = case.inputs()
     keras_lora.set_adapter(model, ["default", "b"])
-    expected = numpy(model(x))
+    expected = float64(model(x))
     keras_lora.add_weighted_adapter(
         model, ["default", "b"], [1.0, 1.0], "both", combination="cat"
     )
     keras_lora.set_adapter(model, "both")
-    np.testing.assert_allclose(numpy(model(x)), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(float64(model(x)), expected, rtol=0, atol=1e-5)
     adapter = wrapper.adapters["both"]
     assert (adapter.rank, adapter.scale, adapter.use_rslora) == (6, 1.0, False)
 
@@ -70,7 +61,7 @@ def test_cat_update_is_the_weighted_sum_of_updates(case):
     model, wrapper = two_adapter_model(case)
     keras_lora.add_weighted_adapter(model, ["default", "b"], WEIGHTS, "mix", "cat")
     np.testing.assert_allclose(
-        numpy(wrapper.get_delta_weight("mix")),
+        float64(wrapper.get_delta_weight("mix")),
         weighted_delta(wrapper, ["default", "b"], WEIGHTS),
         rtol=0,
         atol=1e-5,
@@ -89,7 +80,7 @@ def test_svd_at_full_rank_equals_the_weighted_sum_of_updates(case):
         model, ["default", "b"], WEIGHTS, "full", combination="svd", rank=6
     )
     np.testing.assert_allclose(
-        numpy(wrapper.get_delta_weight("full")),
+        float64(wrapper.get_delta_weight("full")),
         weighted_delta(wrapper, ["default", "b"], WEIGHTS),
         rtol=0,
         atol=1e-5,
@@ -106,7 +97,7 @@ def test_svd_keeps_the_top_singular_part_at_the_largest_rank_by_default():
     u, s, vh = np.linalg.svd(target, full_matrices=False)
     expected = (u[:, :4] * s[:4]) @ vh[:4]
     np.testing.assert_allclose(
-        numpy(wrapper.get_delta_weight("top")), expected, rtol=0, atol=1e-5
+        float64(wrapper.get_delta_weight("top")), expected, rtol=0, atol=1e-5
     )
     # A holds orthonormal columns (peft's Vh rows), B the singular values.
     a, _ = matrices(wrapper, "top")
@@ -120,7 +111,7 @@ def test_svd_beyond_the_update_rank_pads_with_zeros():
     a, b = matrices(wrapper, "wide")
     np.testing.assert_array_equal(a[:, 5:], 0.0)
     np.testing.assert_allclose(
-        numpy(wrapper.get_delta_weight("wide")),
+        float64(wrapper.get_delta_weight("wide")),
         weighted_delta(wrapper, ["default", "b"], WEIGHTS),
         atol=1e-5,
     )
@@ -139,16 +130,16 @@ def test_linear_mixes_the_factors_as_peft(case):
     # weight * scale: 0.7 * 2 and -0.3 * 0.5; the sign goes to A only.
     factors = [0.7 * 2.0, -0.3 * 0.5]
     expected_a = sum(
-        np.sign(f) * np.sqrt(abs(f)) * numpy(wrapper.adapters[n].lora_a)
+        np.sign(f) * np.sqrt(abs(f)) * float64(wrapper.adapters[n].lora_a)
         for f, n in zip(factors, ["default", "c"], strict=True)
     )
     expected_b = sum(
-        np.sqrt(abs(f)) * numpy(wrapper.adapters[n].lora_b)
+        np.sqrt(abs(f)) * float64(wrapper.adapters[n].lora_b)
         for f, n in zip(factors, ["default", "c"], strict=True)
     )
     adapter = wrapper.adapters["lin"]
-    np.testing.assert_allclose(numpy(adapter.lora_a), expected_a, atol=1e-6)
-    np.testing.assert_allclose(numpy(adapter.lora_b), expected_b, atol=1e-6)
+    np.testing.assert_allclose(float64(adapter.lora_a), expected_a, atol=1e-6)
+    np.testing.assert_allclose(float64(adapter.lora_b), expected_b, atol=1e-6)
     assert (adapter.rank, adapter.scale) == (4, 1.0)
 
 
@@ -157,24 +148,24 @@ def test_new_adapter_is_inactive_and_saves_like_any_other(tmp_path):
     keras.utils.set_random_seed(7)
     model, wrapper = two_adapter_model(case)
     x = case.inputs()
-    before = numpy(model(x))
+    before = float64(model(x))
     keras_lora.add_weighted_adapter(model, ["default", "b"], WEIGHTS, "mix", "cat")
     assert wrapper.active_adapters == ("default",)
     assert not any(v.trainable for v in wrapper.adapters["mix"].weights)
-    np.testing.assert_array_equal(numpy(model(x)), before)
+    np.testing.assert_array_equal(float64(model(x)), before)
     keras_lora.set_adapter(model, "mix")
-    expected = numpy(model(x))
+    expected = float64(model(x))
 
     keras_lora.save_adapter(model, tmp_path / "mix", adapter="mix")
     keras.utils.set_random_seed(7)  # the same base weights
     fresh, _ = two_adapter_model(case)
     keras_lora.load_adapter(fresh, tmp_path / "mix")
     keras_lora.set_adapter(fresh, "mix")
-    np.testing.assert_allclose(numpy(fresh(x)), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(float64(fresh(x)), expected, rtol=0, atol=1e-6)
 
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")
-    np.testing.assert_allclose(numpy(loaded(x)), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(float64(loaded(x)), expected, rtol=0, atol=1e-6)
     assert keras_lora.adapter_config(model, "mix").rank == 6
 
 

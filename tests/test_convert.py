@@ -31,10 +31,10 @@ from integration.models import (
     outputs,
     train,
 )
-from testing import CASES, case_id
+from testing.cases import CASES, case_id
 
 import keras_lora
-from keras_lora.walk import walk
+from keras_lora.tree.walk import walk
 
 ATTENTION = ("query", "key", "value", "attention_output")
 

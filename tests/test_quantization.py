@@ -8,7 +8,7 @@ import pytest
 
 import keras_lora
 from keras_lora.quantization import dequantized_kernel
-from keras_lora.walk import walk
+from keras_lora.tree.walk import walk
 
 layers = keras.layers
 quantizers = keras.quantizers

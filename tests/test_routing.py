@@ -9,7 +9,7 @@ import pytest
 from backends import symbolic_tracing
 from integration.inspection import assert_same_snapshot, snapshot
 from integration.models import MODEL_KINDS, SAMPLES, outputs
-from testing import traced
+from testing.model_checks import traced
 
 import keras_lora
 from keras_lora.layers.adapter_routing import routing_of

@@ -1,12 +1,13 @@
-"""keras_lora.tracking leans on Keras' private state tracking (`Layer._tracker`)
-and `Functional`. These tests fail loudly if a Keras release changes them."""
+"""keras_lora.tree.keras_private leans on Keras' private state tracking
+(`Layer._tracker`) and `Functional`. These tests fail loudly if a Keras release
+changes them."""
 
 import keras
 import numpy as np
 import pytest
 
 from keras_lora import LoraDense
-from keras_lora.tracking import (
+from keras_lora.tree.keras_private import (
     attributes,
     is_graph_model,
     producer,
@@ -14,7 +15,7 @@ from keras_lora.tracking import (
     substituted_variable,
     unlocked_state,
 )
-from keras_lora.walk import Reference
+from keras_lora.tree.walk import Reference
 
 layers = keras.layers
 

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 
 import keras_lora
-from keras_lora.walk import (
+from keras_lora.tree.walk import (
     bias_variable,
     children,
     output_layers,

@@ -4,12 +4,8 @@ This is peft's mixed-batch inference (`adapter_names=` in `forward`): every
 example of a batch uses its own adapter, or none (`"__base__"`), and gets what
 it would get alone with that adapter active. A `LoraLayer` finds its routing
 here (`routing_for_call`): from its own call arguments, or from the model-level
-`keras_lora.adapter_per_example` context, which registers it per layer.
-
-Each routed adapter runs on the whole batch and a 0/1 mask keeps its rows: the
-shapes stay static, so the same code runs eagerly and inside `tf.function` or
-`jax.jit` with the index as a tensor (a gather of each adapter's rows has a
-data-dependent shape, which `jax.jit` cannot trace).
+`keras_lora.adapter_per_example` context, which registers it per layer. Each
+routed adapter runs on the whole batch, masked to its examples (why: docs/design.md).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from keras_lora.layers.initialization import deferred_initialization, initialize
 from keras_lora.layers.merging import Merging
 from keras_lora.layers.named_adapters import NamedAdapters
 from keras_lora.layers.variant import add_negated
-from keras_lora.tracking import substituted_variable
+from keras_lora.tree.keras_private import substituted_variable
 
 
 class LoraLayer(NamedAdapters, Merging, LoraHooks, keras.layers.Wrapper):

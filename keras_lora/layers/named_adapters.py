@@ -7,7 +7,7 @@ import keras
 
 from keras_lora.layers.adapter import LoraAdapter
 from keras_lora.layers.initialization import check_init
-from keras_lora.tracking import unlocked_state
+from keras_lora.tree.keras_private import unlocked_state
 
 
 class NamedAdapters:

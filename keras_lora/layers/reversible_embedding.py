@@ -12,7 +12,7 @@ from keras import ops
 from keras_lora.layers.adapter_routing import routing_for_call
 from keras_lora.layers.base import LoraLayer
 from keras_lora.layers.embedding import LoraEmbedding
-from keras_lora.tracking import attach_mask, substituted_variable
+from keras_lora.tree.keras_private import attach_mask, substituted_variable
 
 # Keras >= 3.13 has the layer natively; keras-hub's is a subclass of it there.
 KERAS_REVERSIBLE_EMBEDDING = getattr(keras.layers, "ReversibleEmbedding", None)

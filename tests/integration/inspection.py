@@ -5,9 +5,9 @@ import numpy as np
 
 import keras_lora
 from integration.models import every_layer
-from keras_lora.clone import LoraRoot
 from keras_lora.layers import LoraLayer
-from keras_lora.walk import walk
+from keras_lora.tree.rebuild import LoraRoot
+from keras_lora.tree.walk import walk
 
 
 def adapter_variables(model, active_only=False) -> dict[int, object]:

@@ -7,7 +7,7 @@ import re
 import keras
 import numpy as np
 import pytest
-from testing import assert_unchanged, layer_state
+from testing.layer_checks import assert_unchanged, layer_state
 
 from keras_lora import LoraConv2D, LoraDense, LoraEinsumDense, LoraEmbedding
 from keras_lora.layers import LoraAdapter

@@ -7,14 +7,10 @@ import keras
 import numpy as np
 import pytest
 from backends import symbolic_tracing
-from testing import (
-    CASES,
-    assert_unchanged,
-    case_id,
-    layer_state,
-    randomize_adapter,
-    traced,
-)
+from testing.cases import CASES, case_id
+from testing.layer_checks import assert_unchanged, layer_state, randomize_adapter
+from testing.model_checks import traced
+from testing.references import numpy
 
 from keras_lora.layers.adapter_routing import (
     AdapterRouting,
@@ -26,10 +22,6 @@ from keras_lora.layers.adapter_routing import (
 cases = pytest.mark.parametrize("case", CASES, ids=case_id)
 NAMES = ["second", "__base__", "default", "second", "default", "__base__"]
 INDEX = np.array([1, -1, 0, 1, 0, 2], "int32")  # into ["default", "second", BASE]
-
-
-def numpy(tensor):
-    return keras.ops.convert_to_numpy(tensor)
 
 
 def two_adapter_layer(case):

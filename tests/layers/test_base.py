@@ -1,34 +1,25 @@
 """Behaviour every wrapper shares, written once and run over the case table in
-`tests/testing.py` (every wrapper class, with strides, dilation, padding modes,
+`tests/testing/cases.py` (every wrapper class, with strides, dilation, padding modes,
 groups, channels_first, two EinsumDense equations and mask_zero)."""
 
 import keras
 import numpy as np
 import pytest
-from testing import (
-    CASES,
-    DROPOUT_CASES,
-    RANK,
-    TYPE_CASES,
-    assert_fit_changes_only,
+from testing.cases import CASES, DROPOUT_CASES, RANK, TYPE_CASES, case_id
+from testing.layer_checks import (
     assert_listed_once,
     assert_unchanged,
-    case_id,
     layer_state,
-    model_around,
     randomize_adapter,
     run_layer_test,
     same_variables,
-    save_and_load,
 )
+from testing.model_checks import assert_fit_changes_only, model_around, save_and_load
+from testing.references import numpy
 
 cases = pytest.mark.parametrize("case", CASES, ids=case_id)
 type_cases = pytest.mark.parametrize("case", TYPE_CASES, ids=case_id)
 dropout_cases = pytest.mark.parametrize("case", DROPOUT_CASES, ids=case_id)
-
-
-def numpy(tensor):
-    return keras.ops.convert_to_numpy(tensor)
 
 
 def adapter_variables(wrapper, *names):

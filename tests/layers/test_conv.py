@@ -1,22 +1,20 @@
 """LoraConv1D/2D/3D: conv_B(conv_A(x)) against a direct NumPy convolution with
-the merged kernel, groups, channels_first, and merge invariants over random
-configurations."""
+the merged kernel, grouped factors against peft's own numbers, channels_first,
+and merge invariants over random configurations."""
 
 import keras
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from testing import (
+from testing import peft_fixtures
+from testing.layer_checks import (
     assert_unchanged,
     layer_state,
-    numpy_conv,
-    numpy_conv_delta,
-    numpy_weights,
     randomize_adapter,
-    relu,
     run_layer_test,
 )
+from testing.references import numpy, numpy_conv, numpy_conv_delta, numpy_weights, relu
 
 from keras_lora import LoraConv1D, LoraConv2D, LoraConv3D
 
@@ -69,10 +67,6 @@ CONFIGS = {
         (2, 4, 4, 4, 2),
     ),
 }
-
-
-def numpy(tensor):
-    return keras.ops.convert_to_numpy(tensor)
 
 
 def channels_last(x, data_format):
@@ -138,12 +132,29 @@ def test_numpy_reference_matches_the_keras_base_conv(name):
 
 
 def test_grouped_factors_follow_peft():
-    # A is a grouped conv to the rank (groups of in/groups -> rank/groups); B a
-    # grouped 1x1 conv (rank/groups -> filters/groups per group).
-    wrapper = LoraConv2D(layers.Conv2D(6, 3, groups=3), rank=6)
-    wrapper.build((None, 5, 5, 9))
-    assert tuple(wrapper.lora_a.shape) == (3, 3, 3, 6)
+    # B is a grouped 1x1 conv (rank/groups -> filters/groups per group), as in
+    # peft. A is a grouped conv to the rank (in/groups -> rank/groups per
+    # group); peft 0.21's A is ungrouped (its rank channel j may read every
+    # input), so the fixture's A reads only group j // (rank/groups), which
+    # this A holds. peft does not merge grouped convolutions: the merged layer
+    # must still compute peft's unmerged output.
+    fixture = peft_fixtures.load("conv2d_groups")
+    wrapper = fixture.wrapper()
+    assert wrapper.layer.groups == 2
+    assert tuple(wrapper.lora_a.shape) == (3, 3, 2, 4)
     assert tuple(wrapper.lora_b.shape) == (1, 1, 2, 6)
+    # Rank channel 3 (group 1) holds peft's A[3] on input channels 2 and 3.
+    peft_a = fixture.arrays["lora_A"]
+    np.testing.assert_array_equal(
+        numpy(wrapper.lora_a)[..., 3], peft_a[3, 2:].transpose(1, 2, 0)
+    )
+    assert not peft_a[3, :2].any()
+
+    x, expected = fixture.tensor("inputs"), fixture.tensor("outputs")
+    outputs = numpy(wrapper(x, training=True))
+    np.testing.assert_allclose(outputs, expected, rtol=1e-6, atol=1e-5)
+    wrapper.merge()
+    np.testing.assert_allclose(numpy(wrapper(x)), expected, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("rank", [3, np.int64(3)], ids=["int", "numpy_int"])

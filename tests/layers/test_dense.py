@@ -6,20 +6,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from testing import (
+from testing.layer_checks import (
     assert_unchanged,
     layer_state,
-    numpy_weights,
     randomize_adapter,
-    relu,
     run_layer_test,
 )
+from testing.references import numpy, numpy_weights, relu
 
 from keras_lora import LoraDense
-
-
-def numpy(tensor):
-    return keras.ops.convert_to_numpy(tensor)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])

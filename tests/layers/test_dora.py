@@ -1,6 +1,6 @@
 """DoRA (`use_dora=True`): the output against NumPy, merging, training, the
 gradient of the norm, adapter files and `.keras` files, run over the case table
-in `tests/testing.py`."""
+in `tests/testing/cases.py`."""
 
 import json
 
@@ -8,25 +8,18 @@ import keras
 import numpy as np
 import pytest
 import safetensors.numpy
-from testing import (
-    CASES,
-    RANK,
-    TYPE_CASES,
+from testing.cases import CASES, RANK, TYPE_CASES, case_id
+from testing.layer_checks import assert_unchanged, layer_state, run_layer_test
+from testing.model_checks import (
     assert_fit_changes_only,
-    assert_unchanged,
-    case_id,
     fit_briefly,
-    layer_state,
     model_around,
-    numpy_conv,
-    numpy_conv_delta,
-    relu,
-    run_layer_test,
     save_and_load,
 )
+from testing.references import numpy, numpy_conv, numpy_conv_delta, relu
 
 import keras_lora
-from keras_lora.checkpoint_format import CONFIG_FILE, WEIGHTS_FILE
+from keras_lora.checkpoint.format import CONFIG_FILE, WEIGHTS_FILE
 from keras_lora.layers import dora
 from keras_lora.layers.conv import LoraConv
 
@@ -38,10 +31,6 @@ type_cases = pytest.mark.parametrize("case", TYPE_CASES, ids=case_id)
 TRAILING_UNIT_CASES = [
     case for case in TYPE_CASES if case.id in ("dense", "einsum_attention", "conv1d")
 ]
-
-
-def numpy(tensor):
-    return keras.ops.convert_to_numpy(tensor)
 
 
 def randomize(wrapper, adapter_name="default", seed=0):

@@ -1,10 +1,13 @@
-"""LoraEinsumDense: the (contracted axes) x (output axes) low-rank update
-against NumPy for several equations, and the equations it refuses."""
+"""LoraEinsumDense: each equation against the matrix product it is, written
+out by hand, with peft's Linear update on that matrix (which
+tests/layers/test_peft_fixtures.py pins for LoraDense); and the equations it
+refuses."""
 
 import keras
 import numpy as np
 import pytest
-from testing import numpy_weights, randomize_adapter, run_layer_test
+from testing.layer_checks import randomize_adapter, run_layer_test
+from testing.references import numpy, numpy_weights
 
 from keras_lora import LoraEinsumDense
 
@@ -20,10 +23,6 @@ EQUATIONS = {
 }
 
 
-def numpy(tensor):
-    return keras.ops.convert_to_numpy(tensor)
-
-
 def make_wrapper(name, **lora_kwargs):
     equation, output_shape, bias_axes, input_shape = EQUATIONS[name]
     base = keras.layers.EinsumDense(
@@ -33,37 +32,45 @@ def make_wrapper(name, **lora_kwargs):
     return LoraEinsumDense(base, **lora_kwargs), x
 
 
-def numpy_delta(equation, lora_a, lora_b):
-    """`A @ B` over the (contracted) x (output) matrix, in the kernel's layout."""
-    inputs, outputs = equation.split("->")
-    x_spec, kernel_spec = inputs.split(",")
-    contracted = [axis for axis in kernel_spec if axis in x_spec]
-    kept = [axis for axis in kernel_spec if axis in outputs]
-    rank = lora_a.shape[-1]
-    matrix = lora_a.reshape(-1, rank) @ lora_b.reshape(rank, -1)
-    delta = matrix.reshape(lora_a.shape[:-1] + lora_b.shape[1:])
-    order = contracted + kept
-    return delta.transpose([order.index(axis) for axis in kernel_spec])
+# Each equation as a matrix product, by hand: `rows(x)` is the input as
+# (rows, fan_in), `matrix(kernel)` the kernel as (fan_in, fan_out). The
+# outputs are `rows(x) @ matrix(kernel)` reshaped, and LoRA on the layer is
+# peft's Linear on that product: lora_a is (contracted axes..., rank) and
+# lora_b (rank, output axes...), each flattened to a matrix.
+MATRIX_VIEWS = {
+    "attention": (lambda x: x.reshape(6, 5), lambda kernel: kernel.reshape(5, 6)),
+    "output_projection": (
+        lambda x: x.reshape(6, 6),
+        lambda kernel: kernel.reshape(6, 6),
+    ),
+    "matmul": (lambda x: x, lambda kernel: kernel),
+    "transposed_kernel": (lambda x: x, lambda kernel: kernel.T),
+    "ellipsis": (lambda x: x.reshape(6, 5), lambda kernel: kernel),
+}
 
 
 @pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
 @pytest.mark.parametrize("name", list(EQUATIONS))
-def test_output_matches_numpy_einsum_with_the_low_rank_update(name, use_rslora):
+def test_output_is_the_low_rank_update_of_the_equivalent_matrix_product(
+    name, use_rslora
+):
     wrapper, x = make_wrapper(name, rank=3, alpha=5.0, use_rslora=use_rslora)
     wrapper.build(x.shape)
     randomize_adapter(wrapper)
     outputs = run_layer_test(wrapper, x)
 
-    equation = EQUATIONS[name][0]
+    rows, matrix = MATRIX_VIEWS[name]
     kernel, bias, lora_a, lora_b, scale = numpy_weights(wrapper)
     assert scale == (5.0 / np.sqrt(3) if use_rslora else 5.0 / 3)
-    delta = numpy_delta(equation, lora_a, lora_b)
-    expected = np.einsum(equation, x, kernel) + np.einsum(equation, x, scale * delta)
+    update = scale * lora_a.reshape(-1, 3) @ lora_b.reshape(3, -1)
+    expected = rows(x) @ (matrix(kernel) + update)
     if bias is not None:
-        expected = expected + bias
-    np.testing.assert_allclose(outputs, expected, rtol=0, atol=1e-5)
+        expected = expected + bias.reshape(-1)
     np.testing.assert_allclose(
-        numpy(wrapper.get_delta_weight()), scale * delta, rtol=0, atol=1e-6
+        outputs.reshape(expected.shape), expected, rtol=0, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        matrix(numpy(wrapper.get_delta_weight())), update, rtol=0, atol=1e-6
     )
 
 

@@ -4,19 +4,15 @@ mixed precision, and what it refuses (dropout, a `reverse` call mode)."""
 import keras
 import numpy as np
 import pytest
-from testing import (
+from testing.layer_checks import (
     assert_unchanged,
     layer_state,
-    numpy_weights,
     randomize_adapter,
     run_layer_test,
 )
+from testing.references import numpy, numpy_weights
 
 from keras_lora import LoraEmbedding
-
-
-def numpy(tensor):
-    return keras.ops.convert_to_numpy(tensor)
 
 
 def ids(vocabulary=10, shape=(3, 5), seed=0):

@@ -6,7 +6,8 @@ only the cost differs."""
 import keras
 import numpy as np
 import pytest
-from testing import CASES, case_id, randomize_adapter
+from testing.cases import CASES, case_id
+from testing.layer_checks import randomize_adapter
 
 from keras_lora.layers import LoraDense, wrapper_for
 

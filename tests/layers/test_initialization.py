@@ -10,17 +10,14 @@ import math
 import keras
 import numpy as np
 import pytest
-from testing import (
-    CASES,
-    RANK,
-    TYPE_CASES,
-    Case,
+from testing.cases import CASES, RANK, TYPE_CASES, Case, case_id
+from testing.layer_checks import (
     assert_unchanged,
-    case_id,
     layer_state,
     randomize_adapter,
     run_layer_test,
 )
+from testing.references import float64
 
 from keras_lora import LoraConfig, LoraConv2D, LoraDense, LoraEinsumDense
 
@@ -32,10 +29,6 @@ ALPHA = 2.0 * RANK  # scale 2, so that the formulas' `/ scale` is tested
 
 matrix_cases = pytest.mark.parametrize("case", MATRIX_CASES, ids=case_id)
 computed_inits = pytest.mark.parametrize("init", COMPUTED_INITS)
-
-
-def numpy(tensor):
-    return keras.ops.convert_to_numpy(tensor).astype("float64")
 
 
 def built_base(case):
@@ -56,7 +49,7 @@ def as_matrix(case, array):
 
 def factor_matrices(wrapper, adapter_name="default"):
     adapter = wrapper.adapters[adapter_name]
-    a, b = numpy(adapter.lora_a), numpy(adapter.lora_b)
+    a, b = float64(adapter.lora_a), float64(adapter.lora_b)
     return a.reshape(-1, a.shape[-1]), b.reshape(a.shape[-1], -1)
 
 
@@ -88,7 +81,7 @@ def test_kernel_matrix_is_the_matrix_on_which_the_update_is_a_product(case):
     wrapper = case.wrap(init=False)
     a, b = factor_matrices(wrapper)
     delta = wrapper.delta(wrapper.lora_a, wrapper.lora_b)
-    np.testing.assert_allclose(numpy(wrapper.kernel_matrix(delta)), a @ b, atol=1e-6)
+    np.testing.assert_allclose(float64(wrapper.kernel_matrix(delta)), a @ b, atol=1e-6)
 
 
 # -- Output at init --------------------------------------------------------------
@@ -120,16 +113,20 @@ def test_dora_adapter_with_a_computed_init_starts_at_the_base_output(case, init)
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_kernel_becomes_the_residual_and_the_initial_factors_are_kept(case, init):
     base = built_base(case)
-    kernel = numpy(kernel_of(base))
+    kernel = float64(kernel_of(base))
     wrapper = case.wrapper(base, rank=RANK, alpha=ALPHA, init=init)
     adapter = wrapper.adapters["default"]
-    residual = numpy(wrapper.kernel_variable)
-    update = numpy(wrapper.get_delta_weight())
+    residual = float64(wrapper.kernel_variable)
+    update = float64(wrapper.get_delta_weight())
     np.testing.assert_allclose(residual + update, kernel, rtol=0, atol=1e-5)
     # The removed part (the top-r, or first-r QR, components) is large.
     assert np.linalg.norm(residual - kernel) > 0.3 * np.linalg.norm(kernel)
-    np.testing.assert_array_equal(numpy(adapter.initial_lora_a), numpy(adapter.lora_a))
-    np.testing.assert_array_equal(numpy(adapter.initial_lora_b), numpy(adapter.lora_b))
+    np.testing.assert_array_equal(
+        float64(adapter.initial_lora_a), float64(adapter.lora_a)
+    )
+    np.testing.assert_array_equal(
+        float64(adapter.initial_lora_b), float64(adapter.lora_b)
+    )
     assert not adapter.initial_lora_a.trainable
     assert not adapter.initial_lora_b.trainable
 
@@ -137,7 +134,7 @@ def test_kernel_becomes_the_residual_and_the_initial_factors_are_kept(case, init
 @matrix_cases
 def test_pissa_update_is_the_top_singular_part_of_the_kernel(case):
     base = built_base(case)
-    matrix = as_matrix(case, numpy(kernel_of(base)))
+    matrix = as_matrix(case, float64(kernel_of(base)))
     wrapper = case.wrapper(base, rank=RANK, alpha=ALPHA, init="pissa")
     a, b = factor_matrices(wrapper)
     scale = ALPHA / RANK
@@ -152,7 +149,7 @@ def test_pissa_update_is_the_top_singular_part_of_the_kernel(case):
 @matrix_cases
 def test_olora_factors_come_from_the_qr_of_peft_weight(case):
     base = built_base(case)
-    matrix = as_matrix(case, numpy(kernel_of(base)))
+    matrix = as_matrix(case, float64(kernel_of(base)))
     wrapper = case.wrapper(base, rank=RANK, alpha=ALPHA, init="olora")
     a, b = factor_matrices(wrapper)
     # peft: weight (out, in) = Q R, lora_A = R_r, lora_B = Q_r; QR leaves one
@@ -166,14 +163,14 @@ def test_olora_factors_come_from_the_qr_of_peft_weight(case):
 @matrix_cases
 def test_orthogonal_factors_are_non_zero_with_a_zero_product(case):
     base = built_base(case)
-    kernel = numpy(kernel_of(base))
+    kernel = float64(kernel_of(base))
     wrapper = case.wrapper(base, rank=RANK, init="orthogonal")
     a, b = factor_matrices(wrapper)
     # peft draws standard normal matrices and divides by 10: entries of
     # order 0.1 (each factor's squared norm sums rank / 2 unit-norm rows).
     assert np.linalg.norm(a) > 0.01 and np.linalg.norm(b) > 0.01
     np.testing.assert_allclose(a @ b, 0.0, atol=1e-6)
-    np.testing.assert_array_equal(numpy(kernel_of(base)), kernel)
+    np.testing.assert_array_equal(float64(kernel_of(base)), kernel)
     assert wrapper.adapters["default"].initial_lora_a is None
 
 
@@ -196,10 +193,10 @@ def test_pissa_niter_is_close_to_exact_pissa():
     exact = LoraDense(exact_base, rank=4, init="pissa")
     approximate = LoraDense(approximate_base, rank=4, init="pissa_niter_4")
     np.testing.assert_allclose(
-        numpy(approximate.get_delta_weight()), top_part(kernel, 4), atol=1e-4
+        float64(approximate.get_delta_weight()), top_part(kernel, 4), atol=1e-4
     )
     np.testing.assert_allclose(
-        numpy(approximate_base.kernel), numpy(exact_base.kernel), atol=1e-4
+        float64(approximate_base.kernel), float64(exact_base.kernel), atol=1e-4
     )
     assert exact.adapters["default"].initial_lora_a is not None
 
@@ -209,7 +206,7 @@ def test_random_inits_repeat_under_set_random_seed(init):
     def factors(seed):
         keras.utils.set_random_seed(seed)
         wrapper = LoraDense(spectrum_dense()[0], rank=4, init=init)
-        return numpy(wrapper.lora_a), numpy(wrapper.lora_b)
+        return float64(wrapper.lora_a), float64(wrapper.lora_b)
 
     first, again, other = factors(1), factors(1), factors(2)
     np.testing.assert_array_equal(first[0], again[0])
@@ -223,22 +220,22 @@ def test_random_inits_repeat_under_set_random_seed(init):
 @computed_inits
 def test_grouped_convolution_is_refused_by_name(init):
     base = built_base(GROUPED_CASE)
-    kernel = numpy(base.kernel)
+    kernel = float64(base.kernel)
     match = f"'{base.name}' has groups=2.*init={init!r}"
     with pytest.raises(ValueError, match=match):
         LoraConv2D(base, rank=RANK, init=init)
-    np.testing.assert_array_equal(numpy(base.kernel), kernel)
+    np.testing.assert_array_equal(float64(base.kernel), kernel)
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
 def test_rank_beyond_the_kernel_matrix_is_refused(init):
     base = layers.Dense(3)
     base.build((None, 5))
-    kernel = numpy(base.kernel)
+    kernel = float64(base.kernel)
     match = "a 5 x 3 matrix, which has 3.*Received: rank=4"
     with pytest.raises(ValueError, match=match):
         LoraDense(base, rank=4, init=init)
-    np.testing.assert_array_equal(numpy(base.kernel), kernel)
+    np.testing.assert_array_equal(float64(base.kernel), kernel)
 
 
 def test_orthogonal_needs_an_even_rank():

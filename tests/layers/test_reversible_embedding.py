@@ -11,16 +11,15 @@ import types
 import keras
 import numpy as np
 import pytest
-from testing import (
-    assert_fit_changes_only,
+from testing.layer_checks import (
     assert_unchanged,
     layer_state,
-    numpy_weights,
     randomize_adapter,
     run_layer_test,
     same_variables,
-    save_and_load,
 )
+from testing.model_checks import assert_fit_changes_only, save_and_load
+from testing.references import numpy, numpy_weights
 
 import keras_lora
 from keras_lora import LoraEmbedding, LoraReversibleEmbedding
@@ -38,10 +37,6 @@ VOCABULARY, WIDTH, RANK = 10, 6, 4
 # A (1, 2, 6) batch gives 20 logits, fewer than the 60 kernel entries: the
 # factorised path. A (2, 3, 6) batch gives 60: an inference call folds.
 FEW, MANY = (1, 2, WIDTH), (2, 3, WIDTH)
-
-
-def numpy(tensor):
-    return keras.ops.convert_to_numpy(tensor)
 
 
 def ids(shape=(2, 5), seed=0):

@@ -6,7 +6,9 @@ import keras
 import numpy as np
 import pytest
 from backends import xla_fit
-from testing import RANK, TYPE_CASES, case_id, fit_briefly, model_around
+from testing.cases import RANK, TYPE_CASES, case_id
+from testing.model_checks import fit_briefly, model_around
+from testing.references import numpy
 
 type_cases = pytest.mark.parametrize("case", TYPE_CASES, ids=case_id)
 
@@ -14,10 +16,6 @@ type_cases = pytest.mark.parametrize("case", TYPE_CASES, ids=case_id)
 # scale comes down from 2**15; four steps leave room for both factors to move
 # (B moves on the first applied step, A on the next one).
 STEPS = 4
-
-
-def numpy(tensor):
-    return keras.ops.convert_to_numpy(tensor)
 
 
 def factors(wrapper):

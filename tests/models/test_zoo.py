@@ -31,7 +31,7 @@ from integration.inspection import (
 from integration.models import assert_outputs_close, assert_outputs_differ, outputs
 
 import keras_lora
-from keras_lora.walk import walk
+from keras_lora.tree.walk import walk
 from models.zoo import BATCH, EXPECTED_ADAPTED, ZOO
 
 RANK = 4

@@ -1,19 +1,10 @@
-"""Rebuilding a model with some of its layers replaced.
+"""`rebuild`: a model with some of its layers replaced.
 
-`convert` replaces selected layers by wrappers, `unload` replaces wrappers by
-their base layers; both go through `rebuild`:
-
-- Sequential and Functional models (nested ones too) are cloned graph-wise with
-  `keras.models.clone_model`: every layer that is not replaced is reused, so
-  base weights are shared, never copied. A Functional subclass keeps its class,
-  its methods and its other attributes.
-- Any other layer (a subclassed model, a block that owns layers) is rewired in
-  place: its attributes are pointed at the replacements.
-- A layer whose constructor builds its own sub-layers (a subclassed model or
-  block, or a Functional subclass with its own `get_config`) would come back
-  from a `.keras` file without adapters. Such a layer gets the `LoraRoot`
-  mix-in, whose config records where each wrapper sits and re-applies them on
-  load, before Keras restores the weights.
+`convert` replaces selected layers by wrappers, `unload` wrappers by their base
+layers. Graph models are cloned with `keras.models.clone_model`, reusing every
+layer not replaced (weights are shared, never copied); other layers are rewired
+in place; a layer that builds its own sub-layers gets the `LoraRoot` mix-in, so
+that a `.keras` file keeps its wrappers. Details: docs/design.md, "The cloner".
 """
 
 from __future__ import annotations
@@ -21,14 +12,14 @@ from __future__ import annotations
 import keras
 
 from keras_lora.layers.base import LoraLayer
-from keras_lora.tracking import (
+from keras_lora.tree.keras_private import (
     Functional,
     attributes,
     is_graph_model,
     rewire,
     unlocked_state,
 )
-from keras_lora.walk import children, own_variables, resolve, walk
+from keras_lora.tree.walk import children, own_variables, resolve, walk
 
 
 def rebuild(model: keras.Model, replacements: dict[int, keras.layers.Layer]):

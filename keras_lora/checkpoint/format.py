@@ -15,8 +15,8 @@ adapter.safetensors    float32 tensors "{path}/lora_a", "{path}/lora_b" per laye
 
 A layer record without `use_dora` (written before DoRA) means `false`.
 
-This module knows files, not models: `keras_lora.checkpoint` matches what it
-reads against a model.
+This module knows files, not models: `match.py` checks what it reads
+against a model.
 """
 
 from __future__ import annotations
@@ -79,13 +79,9 @@ def layer_settings(record: dict) -> dict:
 def write_directory(
     directory: str | os.PathLike, document: dict, tensors: dict[str, np.ndarray]
 ) -> None:
-    """Writes an adapter directory, all or nothing.
-
-    Both files are written into a new hidden directory next to `directory`,
-    flushed to disk, and the directory is renamed into place. An existing
-    adapter directory is renamed aside first and deleted after: at every
-    moment `directory` is either the old adapter, absent, or the new one, and a
-    failed write leaves the old one in place and no half-written directory.
+    """Writes an adapter directory, all or nothing: into a hidden sibling,
+    flushed, then renamed into place (an existing adapter renamed aside and
+    deleted after).
 
     Args:
         directory: the adapter directory to (re)place.

@@ -1,19 +1,7 @@
-"""The only place keras_lora touches Keras' private state-tracking API.
+"""The only place keras_lora uses private Keras API, one small function per use.
 
-Keras locks a layer's state once it is built, and tracks sub-layers by object
-identity. Adding an adapter to a built wrapper, and rewiring a built layer's
-attribute from a base layer to its wrapper, both need to step around that lock.
-Telling a Functional model from a subclassed one needs Keras' private
-`Functional` class, which is not exported; finding the layer call that made a
-symbolic tensor needs its private `_keras_history`. Running a layer's own `call` on a
-kernel other than its variable needs the private attribute behind the layer's
-`kernel` property. `tests/test_tracking.py` fails loudly if a Keras release
-changes what this module relies on (`Layer._tracker`,
-`Tracker.unlock/lock/locked/replace_tracked_value`, `Functional`,
-`KerasTensor._keras_history` and `Operation._inbound_nodes`,
-`keras.src.backend.set_keras_mask`, a kernel
-property that reads a private attribute holding the variable, and, under the
-torch backend, the `torch.nn.Module` registry that holds sub-layers).
+What each use relies on is listed in docs/design.md ("Private Keras API");
+`tests/test_tracking.py` fails loudly if a Keras release changes it.
 """
 
 from __future__ import annotations
@@ -28,12 +16,10 @@ from keras.src.models.functional import Functional
 def attributes(layer: keras.layers.Layer) -> list[tuple[str, object]]:
     """`(name, value)` for every attribute `layer` holds, in the order kept.
 
-    Under the torch backend a Keras layer is also a `torch.nn.Module`, and
-    torch keeps the attributes that hold modules (sub-layers) in the module's
-    `_modules` dict instead of the instance's `__dict__`; the Keras layers
-    there are listed in its place (not Keras' own `_torch_params` registry of
-    torch parameters). `named_children()` would list a layer held by two
-    attributes only once. On the other backends this is `vars(layer).items()`.
+    `vars(layer).items()`, except under the torch backend, where torch keeps
+    attributes holding sub-layers in the module's `_modules` dict; those Keras
+    layers are listed in its place (`named_children()` would list a layer held
+    by two attributes only once).
 
     Args:
         layer: any Keras layer.
@@ -83,9 +69,8 @@ def producer(tensor) -> tuple[keras.layers.Layer, list, int]:
 
 
 def attach_mask(outputs, mask):
-    """Attaches `mask` to `outputs` as a Keras layer does inside `call`
-    (Keras' `ReversibleEmbedding` does; a wrapper that adds to its output
-    makes a new tensor, which must carry the mask again).
+    """Attaches `mask` to `outputs` as a Keras layer does inside `call`: a
+    wrapper that adds to its base's masked output makes a new tensor.
 
     Args:
         outputs: a tensor.
@@ -121,8 +106,8 @@ def unlocked_state(layer: keras.layers.Layer):
 
 def rewire(reference, new: keras.layers.Layer) -> None:
     """Stores `new` where `reference` (a `walk.Reference`) holds a layer, and
-    tracks it in the old layer's place, so that no variable is listed twice,
-    none is lost, and the parent's weight order is kept.
+    tracks it at the old layer's index, so the parent's weights keep their
+    order and none is listed twice.
 
     Args:
         reference: where the parent holds the layer.
@@ -149,11 +134,9 @@ def rewire(reference, new: keras.layers.Layer) -> None:
 def substituted_variable(layer: keras.layers.Layer, variable: keras.Variable, value):
     """Makes `layer` read `value` wherever it reads `variable`, for one call.
 
-    Keras layers expose their kernel through a property (`Dense.kernel`,
-    `Embedding.embeddings`) that reads a private attribute holding the
-    variable; swapping that attribute lets the layer's own `call` run on a
-    tensor, so a subclass's math is kept. Keras' attribute tracking is
-    bypassed: the swap is not a state change and is undone on exit.
+    Swaps the private attribute behind a kernel property (`Dense.kernel`,
+    `Embedding.embeddings`), bypassing Keras' attribute tracking, and puts the
+    variable back on exit.
 
     Args:
         layer: a built Keras layer.
@@ -180,3 +163,20 @@ def substituted_variable(layer: keras.layers.Layer, variable: keras.Variable, va
     finally:
         for name in attributes:
             object.__setattr__(layer, name, variable)
+
+
+def einsum_kernel_scale(layer: keras.layers.EinsumDense, scale):
+    """An int8 EinsumDense's scale, laid out to broadcast against its kernel.
+
+    Keras stores it transposed and reshaped to match the einsum output; its
+    private `_adjust_scale_for_dequant` (which the layer's own gradient uses)
+    undoes that. `tests/test_quantization.py` fails loudly if it goes.
+
+    Args:
+        layer: an int8-quantized `keras.layers.EinsumDense`.
+        scale: its `kernel_scale` value.
+
+    Returns:
+        The scale, broadcastable against the kernel.
+    """
+    return layer._adjust_scale_for_dequant(scale)

@@ -12,7 +12,7 @@ import dataclasses
 import keras
 
 from keras_lora.layers.base import LoraLayer
-from keras_lora.tracking import attributes, is_graph_model, producer
+from keras_lora.tree.keras_private import attributes, is_graph_model, producer
 
 # Attributes in which Keras and TensorFlow keep their own bookkeeping of
 # sub-layers, by exact name; the user-visible references are the other
@@ -173,7 +173,8 @@ def own_variables(layer: keras.layers.Layer) -> list[keras.Variable]:
     Returns:
         A list of variables, in `layer.weights` order.
     """
-    inner = {id(v) for site in walk(layer).values() for v in site.layer.weights}
+    # A sub-layer's weights include its own sub-layers': no walk needed.
+    inner = {id(v) for child, _ in children(layer) for v in child.weights}
     return [variable for variable in layer.weights if id(variable) not in inner]
 
 

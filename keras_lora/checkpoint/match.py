@@ -1,9 +1,8 @@
 """Whether an adapter directory fits a model: every problem, found without
 changing the model.
 
-`keras_lora.checkpoint.load_adapter` runs these checks on what
-`keras_lora.checkpoint_format.read_directory` returned, and loads only if they
-find nothing.
+`load_adapter` runs these checks on what `format.read_directory` returned,
+and loads only if they find nothing.
 """
 
 from __future__ import annotations
@@ -12,12 +11,12 @@ from collections.abc import Mapping
 
 import keras
 
-from keras_lora.checkpoint_format import adapter_keys, layer_settings
+from keras_lora.checkpoint.format import adapter_keys, layer_settings
 from keras_lora.layers.base import LoraLayer
-from keras_lora.layers.initialization import deferred_initialization
 from keras_lora.layers.registry import wrapper_for
-from keras_lora.layers.settings import rewrites_kernel
-from keras_lora.walk import Site, own_variables, walk
+from keras_lora.layers.settings import AdapterSettings, rewrites_kernel
+from keras_lora.plan import probe
+from keras_lora.tree.walk import Site, own_variables
 
 
 def problems(
@@ -48,7 +47,7 @@ def problems(
     lora = {p: s.layer for p, s in sites.items() if isinstance(s.layer, LoraLayer)}
     if not lora and not model.built:
         return [f"model '{model.name}' is not built; build it before loading"]
-    saved = saved_settings(document)
+    saved = {record["path"] for record in document["layers"]}
     found = []
     for record in document["layers"]:
         site = sites.get(record["path"])
@@ -111,40 +110,6 @@ def variable_at(sites: Mapping[str, Site], key: str) -> keras.Variable | None:
     return next((v for v in own_variables(layer) if v.name == variable_name), None)
 
 
-def saved_settings(document: dict) -> dict[str, dict]:
-    """The adapter settings of each saved layer, by path.
-
-    Args:
-        document: the checked `adapter_config.json` document.
-
-    Returns:
-        Per path, the keyword arguments of `LoraLayer.add_adapter`.
-    """
-    return {record["path"]: layer_settings(record) for record in document["layers"]}
-
-
-def snapshot_flags(layer: keras.layers.Layer):
-    """Records the trainable flags of `layer`, its sub-layers and variables.
-
-    Args:
-        layer: a layer or model.
-
-    Returns:
-        A function that puts the flags back.
-    """
-    layers = [layer, *(site.layer for site in walk(layer).values())]
-    layer_flags = [(item, item.trainable) for item in layers]
-    variable_flags = [(variable, variable.trainable) for variable in layer.weights]
-
-    def restore():
-        for item, trainable in layer_flags:
-            item.trainable = trainable
-        for variable, trainable in variable_flags:
-            variable.trainable = trainable
-
-    return restore
-
-
 def _layer_problems(layer, record, tensors, adapter_name, lora) -> list[str]:
     path = record["path"]
     if lora:
@@ -176,32 +141,22 @@ def _layer_problems(layer, record, tensors, adapter_name, lora) -> list[str]:
                 f"adapter '{adapter_name}' it was trained as (same settings). "
                 "Save it with `for_original_base=True` to load it elsewhere"
             ]
+    if not base.built:
+        return [
+            f"layer '{path}' cannot take the adapter: layer '{base.name}' is not built"
+        ]
     try:
-        shapes = _parameter_shapes(wrapper_class, base, adapter_name, settings)
+        # A throw-away wrapper gives the shapes and runs every check it makes.
+        probed = probe(
+            base, AdapterSettings.from_dict(settings), adapter_name, wrapper_class
+        )
     except (TypeError, ValueError) as error:
         return [f"layer '{path}' cannot take the adapter: {error}"]
+    parameters = probed.adapters[adapter_name].parameters
+    shapes = {name: tuple(variable.shape) for name, variable in parameters.items()}
     return [
         f"tensor '{key}' has shape {tensors[key].shape}; layer '{path}' needs "
         f"{shapes[name]}"
         for name, key in adapter_keys(path, settings["use_dora"]).items()
         if tensors[key].shape != shapes[name]
     ]
-
-
-def _parameter_shapes(wrapper_class, base, adapter_name, settings):
-    """The parameter shapes (by name) a wrapper with `settings` gives `base`,
-    read from a throw-away wrapper, which also runs every check the wrapper
-    makes. Wrapping freezes `base`; its flags are put back, and a computed
-    init (PiSSA rewrites the kernel) is deferred, so never runs."""
-    if not base.built:
-        raise ValueError(f"layer '{base.name}' is not built")
-    restore_flags = snapshot_flags(base)
-    try:
-        with deferred_initialization():
-            probe = wrapper_class(
-                base, adapter_name=adapter_name, name=base.name, **settings
-            )
-    finally:
-        restore_flags()
-    parameters = probe.adapters[adapter_name].parameters
-    return {name: tuple(variable.shape) for name, variable in parameters.items()}
