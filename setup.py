@@ -35,6 +35,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "hypothesis>=6",
             "ruff==0.17.6",
             "scikit-learn",
@@ -48,6 +49,8 @@ setup(
         # keras-hub models (transformers, vision backbones, task models):
         # optional; keras_lora adapts its layers when it is installed.
         "hub": [KERAS_HUB],
+        # Regenerates tests/fixtures/peft/ from peft itself (needs torch).
+        "fixtures": ["peft==0.21.2"],
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     classifiers=[
