@@ -273,33 +273,38 @@ def _check_tensors(document, tensors) -> list[str]:
 
 
 def _read_json(path, problems):
-    if not os.path.isfile(path):
-        problems.append(f"{CONFIG_FILE} is missing")
-        return None
-    try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        problems.append(f"{CONFIG_FILE} is not valid JSON: {error}")
-        return None
+    def load(file):
+        return json.loads(file.read().decode("utf-8"))
+
+    errors = (UnicodeDecodeError, json.JSONDecodeError)
+    return _read(path, problems, load, errors, "is not valid JSON")
 
 
 def _read_tensors(path, problems):
+    def load(file):
+        # Own, writable copies: the arrays safetensors returns are read-only
+        # views of a bytes object, and TensorFlow may adopt a NumPy buffer as
+        # a variable's storage on `assign`.
+        tensors = safetensors.numpy.load(file.read())
+        return {key: np.array(value) for key, value in tensors.items()}
+
+    # safetensors raises its own error types.
+    problem = "cannot be read (truncated or corrupt)"
+    return _read(path, problems, load, (Exception,), problem)
+
+
+def _read(path, problems, load, errors, problem):
+    """`load(file)` of the file at `path`, or `None` with the problem noted."""
+    name = os.path.basename(path)
     if not os.path.isfile(path):
-        problems.append(f"{WEIGHTS_FILE} is missing")
+        problems.append(f"{name} is missing")
         return None
     try:
         with open(path, "rb") as file:
-            tensors = safetensors.numpy.load(file.read())
-    except Exception as error:  # safetensors raises its own error types.
-        problems.append(
-            f"{WEIGHTS_FILE} cannot be read (truncated or corrupt): {error}"
-        )
+            return load(file)
+    except (OSError, *errors) as error:
+        problems.append(f"{name} {problem}: {error}")
         return None
-    # Own, writable copies: the arrays safetensors returns are read-only views
-    # of a bytes object, and TensorFlow may adopt a NumPy buffer as a
-    # variable's storage on `assign`.
-    return {key: np.array(value) for key, value in tensors.items()}
 
 
 def _move_into_place(staging: str, target: str) -> None:
