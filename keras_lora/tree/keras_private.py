@@ -1,7 +1,7 @@
 """The only place keras_lora uses private Keras API, one small function per use.
 
 What each use relies on is listed in docs/design.md ("Private Keras API");
-`tests/test_tracking.py` fails loudly if a Keras release changes it.
+`tests/test_keras_private.py` fails loudly if a Keras release changes it.
 """
 
 from __future__ import annotations
