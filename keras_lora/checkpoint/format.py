@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -79,9 +80,7 @@ def layer_settings(record: dict) -> dict:
 def write_directory(
     directory: str | os.PathLike, document: dict, tensors: dict[str, np.ndarray]
 ) -> None:
-    """Writes an adapter directory, all or nothing: into a hidden sibling,
-    flushed, then renamed into place (an existing adapter renamed aside and
-    deleted after).
+    """Writes an adapter directory, all or nothing (`replace_directory`).
 
     Args:
         directory: the adapter directory to (re)place.
@@ -89,8 +88,38 @@ def write_directory(
         tensors: the float32 arrays for `adapter.safetensors`.
 
     Raises:
-        ValueError: if `directory` is a file, or a directory holding files
-            other than an adapter's (they would be deleted).
+        ValueError: as `replace_directory`.
+    """
+
+    def write(staging):
+        safetensors.numpy.save_file(
+            tensors,
+            os.path.join(staging, WEIGHTS_FILE),
+            metadata={"format": "keras_lora"},
+        )
+        write_json(os.path.join(staging, CONFIG_FILE), document)
+
+    replace_directory(directory, (CONFIG_FILE, WEIGHTS_FILE), write)
+
+
+def replace_directory(
+    directory: str | os.PathLike,
+    file_names: Collection[str],
+    write: Callable[[str], None],
+) -> None:
+    """Writes a directory of files, all or nothing: `write(staging)` fills a
+    hidden sibling, whose files are flushed, then the sibling is renamed into
+    place (an existing directory renamed aside and deleted after).
+
+    Args:
+        directory: the directory to (re)place.
+        file_names: the names of the files `write` writes; an existing
+            `directory` may hold only these.
+        write: writes the files into the directory it is given.
+
+    Raises:
+        ValueError: if `directory` is a file, or a directory holding other
+            files (they would be deleted).
     """
     target = os.path.abspath(os.fspath(directory))
     name = os.path.basename(target)
@@ -100,7 +129,7 @@ def write_directory(
                 "`directory` exists and is not a directory; pass a directory "
                 f"path for the adapter. Received: directory={directory!r}"
             )
-        others = sorted(set(os.listdir(target)) - {CONFIG_FILE, WEIGHTS_FILE})
+        others = sorted(set(os.listdir(target)) - set(file_names))
         if others:
             raise ValueError(
                 f"`directory` holds files other than an adapter's ({others}); "
@@ -111,22 +140,26 @@ def write_directory(
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
     try:
-        weights_path = os.path.join(staging, WEIGHTS_FILE)
-        safetensors.numpy.save_file(
-            tensors, weights_path, metadata={"format": "keras_lora"}
-        )
-        _sync(weights_path)
-        config_path = os.path.join(staging, CONFIG_FILE)
-        with open(config_path, "w", encoding="utf-8") as file:
-            json.dump(document, file, indent=2)
-            file.flush()
-            os.fsync(file.fileno())
+        write(staging)
+        for file_name in file_names:
+            _sync(os.path.join(staging, file_name))
         _sync(staging)
         _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _sync(parent)
+
+
+def write_json(path: str, document: Any) -> None:
+    """Writes `document` as indented JSON to `path`.
+
+    Args:
+        path: the file to write.
+        document: a JSON-serializable value.
+    """
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(document, file, indent=2)
 
 
 def read_directory(
@@ -153,8 +186,8 @@ def read_directory(
             f"not a directory. Received: directory={directory!r}"
         )
     problems = []
-    document = _read_json(os.path.join(root, CONFIG_FILE), problems)
-    tensors = _read_tensors(os.path.join(root, WEIGHTS_FILE), problems)
+    document = read_json(os.path.join(root, CONFIG_FILE), problems)
+    tensors = read_tensors(os.path.join(root, WEIGHTS_FILE), problems)
     if document is not None:
         problems.extend(check_document(document))
     if document is not None and tensors is not None and not problems:
@@ -272,7 +305,10 @@ def _check_tensors(document, tensors) -> list[str]:
     return problems
 
 
-def _read_json(path, problems):
+def read_json(path: str, problems: list[str]) -> Any:
+    """The JSON value in the file at `path`, or `None` with the problem noted
+    in `problems`."""
+
     def load(file):
         return json.loads(file.read().decode("utf-8"))
 
@@ -280,7 +316,10 @@ def _read_json(path, problems):
     return _read(path, problems, load, errors, "is not valid JSON")
 
 
-def _read_tensors(path, problems):
+def read_tensors(path: str, problems: list[str]) -> dict[str, np.ndarray] | None:
+    """The arrays of the safetensors file at `path`, or `None` with the
+    problem noted in `problems`."""
+
     def load(file):
         # Own, writable copies: the arrays safetensors returns are read-only
         # views of a bytes object, and TensorFlow may adopt a NumPy buffer as

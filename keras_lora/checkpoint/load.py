@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Mapping
 
 import keras
 from keras import ops
@@ -29,7 +30,7 @@ from keras_lora.layers.base import LoraLayer
 from keras_lora.layers.initialization import deferred_initialization
 from keras_lora.layers.settings import AdapterSettings
 from keras_lora.plan import Plan, apply
-from keras_lora.tree.walk import walk
+from keras_lora.tree.walk import Site, walk
 
 
 def load_adapter(
@@ -87,11 +88,30 @@ def load_adapter(
         )
     lora = {p: s.layer for p, s in sites.items() if isinstance(s.layer, LoraLayer)}
     if lora:
-        return _load_into_lora(model, sites, lora, document, tensors, name)
-    return _load_into_plain(model, sites, document, tensors, name)
+        return load_into_lora(model, sites, lora, document, tensors, name)
+    return load_into_plain(model, sites, document, tensors, name)
 
 
-def _load_into_plain(model, sites, document, tensors, name):
+def load_into_plain(
+    model: keras.Model,
+    sites: Mapping[str, Site],
+    document: dict,
+    tensors: Mapping,
+    name: str,
+) -> keras.Model:
+    """Converts a plain model as a checked adapter document says and loads its
+    tensors; a failure undoes every step.
+
+    Args:
+        model: a plain model that `match.problems` found the adapter fits.
+        sites: its `walk()`.
+        document: the adapter's `adapter_config.json` document.
+        tensors: its tensors by file key.
+        name: the adapter name.
+
+    Returns:
+        The LoRA model.
+    """
     saved = _saved_settings(document)
     planned = Plan(
         name,
@@ -128,7 +148,28 @@ def _load_into_plain(model, sites, document, tensors, name):
     return change.model
 
 
-def _load_into_lora(model, sites, lora, document, tensors, name):
+def load_into_lora(
+    model: keras.Model,
+    sites: Mapping[str, Site],
+    lora: Mapping[str, LoraLayer],
+    document: dict,
+    tensors: Mapping,
+    name: str,
+) -> keras.Model:
+    """Adds (or replaces) adapter `name` on the LoRA layers a checked adapter
+    document names and loads its tensors; a failure undoes every step.
+
+    Args:
+        model: a LoRA model that `match.problems` found the adapter fits.
+        sites: its `walk()`.
+        lora: its LoRA layers by path.
+        document: the adapter's `adapter_config.json` document.
+        tensors: its tensors by file key.
+        name: the adapter name.
+
+    Returns:
+        `model`.
+    """
     saved = _saved_settings(document)
     undo = []
     # Replacing an active adapter gives it new variables.
