@@ -2,8 +2,9 @@
 
 Entry points: `convert` (and `unload`, `merge_and_unload`), model-level adapter
 functions (`adapters.py`, `merging.py`, `combination.py`), adapter files
-(`checkpoint`) and `export`. The wrappers are in `layers/`; `tree/` (paths,
-rebuilding, private Keras API) and the other modules are internals.
+(`checkpoint`), Hugging Face peft adapters (`peft_adapters`) and `export`. The
+wrappers are in `layers/`; `tree/` (paths, rebuilding, private Keras API) and
+the other modules are internals.
 """
 
 from keras_lora.adapters import (
@@ -32,6 +33,7 @@ from keras_lora.layers import (
     register_wrapper,
 )
 from keras_lora.merging import merge, unmerge
+from keras_lora.peft_adapters import load_peft_adapter, save_peft_adapter
 from keras_lora.summary import print_trainable_parameters, trainable_parameters
 from keras_lora.version import __version__
 
@@ -57,12 +59,14 @@ __all__ = [
     "export",
     "export_per_example",
     "load_adapter",
+    "load_peft_adapter",
     "lora_layers",
     "merge",
     "merge_and_unload",
     "print_trainable_parameters",
     "register_wrapper",
     "save_adapter",
+    "save_peft_adapter",
     "set_adapter",
     "trainable_parameters",
     "unload",
