@@ -49,8 +49,9 @@ setup(
         # keras-hub models (transformers, vision backbones, task models):
         # optional; keras_lora adapts its layers when it is installed.
         "hub": [KERAS_HUB],
-        # Regenerates tests/fixtures/peft/ from peft itself (needs torch).
-        "fixtures": ["peft==0.21.2"],
+        # Regenerates tests/fixtures/peft/ and tests/fixtures/hf/ from peft and
+        # transformers themselves (needs torch).
+        "fixtures": ["peft==0.21.2", "transformers==5.24.0"],
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     classifiers=[
