@@ -132,6 +132,35 @@ def test_load_reads_settings_and_patterns_from_the_config():
     assert keras_lora.adapter_config(model).adapter_name == "default"
 
 
+def test_load_reads_all_linear_and_module_names_of_the_base_model(tmp_path):
+    # peft 0.21 saves the modules "all-linear" resolved to; a config that keeps
+    # "all-linear", or names modules on the base model, loads the same.
+    ref = reference("gpt2")
+    directory = copy_adapter("gpt2", "all_linear", tmp_path)
+    edit_config(directory, target_modules="all-linear")
+    weights = directory / "adapter_model.safetensors"
+    tensors = safetensors.numpy.load_file(weights)
+    prefix = "base_model.model."
+    renamed = {
+        key.replace(f"{prefix}transformer.", prefix): value
+        for key, value in tensors.items()
+    }
+    safetensors.numpy.save_file(renamed, weights)
+
+    model = keras_lora.load_peft_adapter(causal_lm("gpt2"), directory)
+
+    np.testing.assert_allclose(logits(model, ref), ref["all_linear"], atol=ATOL)
+
+
+def test_load_into_a_backbone_alone():
+    ref = reference("llama")
+    model = causal_lm("llama")
+    backbone = keras_lora.load_peft_adapter(model.backbone, FIXTURES / "llama" / "dora")
+
+    assert backbone is model.backbone
+    np.testing.assert_allclose(logits(model, ref), ref["dora"], atol=ATOL)
+
+
 def test_load_into_a_lora_model_adds_the_adapter_by_name():
     ref = reference("qwen2")
     model = keras_lora.load_peft_adapter(causal_lm("qwen2"), FIXTURES / "qwen2" / "qv")

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import keras
 from keras import ops
@@ -73,45 +74,65 @@ def load_adapter(
     check_model(model)
     document, tensors = read_directory(directory)
     name = document["adapter_name"] if adapter_name is None else adapter_name
+    check_adapter_name(name, adapter_name, "the saved name")
+    summary = f"Cannot load the adapter in {os.fspath(directory)!r}"
+    return load_document(model, walk(model), document, tensors, name, summary)
+
+
+def check_adapter_name(name: Any, adapter_name: Any, none_means: str) -> None:
+    """Refuses an adapter name that is not a layer-name-like string.
+
+    Args:
+        name: the name the adapter would load under.
+        adapter_name: the argument as the caller passed it, for the message.
+        none_means: what `adapter_name=None` stands for, for the message.
+
+    Raises:
+        ValueError: if `name` is not a non-empty string without "/".
+    """
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(
             "`adapter_name` must be a non-empty string without '/', or None for "
-            f"the saved name. Received: adapter_name={adapter_name!r}"
+            f"{none_means}. Received: adapter_name={adapter_name!r}"
         )
-    sites = walk(model)
-    found = problems(model, sites, document, tensors, name)
-    if found:
-        raise problems_error(
-            f"Cannot load the adapter in {os.fspath(directory)!r} into model "
-            f"'{model.name}'",
-            found,
-        )
-    lora = {p: s.layer for p, s in sites.items() if isinstance(s.layer, LoraLayer)}
-    if lora:
-        return load_into_lora(model, sites, lora, document, tensors, name)
-    return load_into_plain(model, sites, document, tensors, name)
 
 
-def load_into_plain(
+def load_document(
     model: keras.Model,
     sites: Mapping[str, Site],
     document: dict,
     tensors: Mapping,
     name: str,
+    summary: str,
 ) -> keras.Model:
-    """Converts a plain model as a checked adapter document says and loads its
-    tensors; a failure undoes every step.
+    """Loads an adapter read from files (a checked `adapter_config.json`
+    document and its tensors) into `model` as adapter `name`: every problem
+    (`match.problems`) first, then into a plain model or a LoRA model.
 
     Args:
-        model: a plain model that `match.problems` found the adapter fits.
+        model: the model to load into.
         sites: its `walk()`.
-        document: the adapter's `adapter_config.json` document.
+        document: the adapter document.
         tensors: its tensors by file key.
         name: the adapter name.
+        summary: the start of the error message, naming the files.
 
     Returns:
         The LoRA model.
+
+    Raises:
+        ValueError: listing every problem; the model is left unchanged.
     """
+    found = problems(model, sites, document, tensors, name)
+    if found:
+        raise problems_error(f"{summary} into model '{model.name}'", found)
+    lora = {p: s.layer for p, s in sites.items() if isinstance(s.layer, LoraLayer)}
+    if lora:
+        return _load_into_lora(model, sites, lora, document, tensors, name)
+    return _load_into_plain(model, sites, document, tensors, name)
+
+
+def _load_into_plain(model, sites, document, tensors, name):
     saved = _saved_settings(document)
     planned = Plan(
         name,
@@ -148,28 +169,7 @@ def load_into_plain(
     return change.model
 
 
-def load_into_lora(
-    model: keras.Model,
-    sites: Mapping[str, Site],
-    lora: Mapping[str, LoraLayer],
-    document: dict,
-    tensors: Mapping,
-    name: str,
-) -> keras.Model:
-    """Adds (or replaces) adapter `name` on the LoRA layers a checked adapter
-    document names and loads its tensors; a failure undoes every step.
-
-    Args:
-        model: a LoRA model that `match.problems` found the adapter fits.
-        sites: its `walk()`.
-        lora: its LoRA layers by path.
-        document: the adapter's `adapter_config.json` document.
-        tensors: its tensors by file key.
-        name: the adapter name.
-
-    Returns:
-        `model`.
-    """
+def _load_into_lora(model, sites, lora, document, tensors, name):
     saved = _saved_settings(document)
     undo = []
     # Replacing an active adapter gives it new variables.

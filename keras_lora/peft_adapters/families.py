@@ -18,7 +18,8 @@ the `(in, out)` matrix, the layout of keras_lora's factors too.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Mapping
 
 import keras
 
@@ -37,79 +38,70 @@ class Family:
     Args:
         name: the family's name in messages.
         backbone: the keras-hub backbone class name (subclasses count).
-        prefix: what the transformers causal-LM model puts before its base
-            model's module names (`"model."`, `"transformer."`).
-        fan_in_fan_out: whether the family's modules are `Conv1D`, whose
-            weight is `(in, out)` (peft's `fan_in_fan_out`).
-        modules: gives the backbone's adapted modules, `{module name: layers}`.
+        block: the transformers name of decoder block `index`
+            (`"model.layers.{index}"`); its first part is the prefix the
+            causal-LM model puts before its base model's module names.
+        modules: each adapted module of a block, by its name in the block, as
+            the attribute paths of its layers in the keras-hub decoder block.
+        fan_in_fan_out: whether the modules are `Conv1D`, whose weight is
+            `(in, out)` (peft's `fan_in_fan_out`).
     """
 
     name: str
     backbone: str
-    prefix: str
-    fan_in_fan_out: bool
-    modules: Callable[[keras.Model], dict[str, Layers]]
+    block: str
+    modules: Mapping[str, tuple[str, ...]]
+    fan_in_fan_out: bool = False
 
+    @property
+    def prefix(self) -> str:
+        """`"model."` or `"transformer."`: see `block`."""
+        return self.block.split(".")[0] + "."
 
-def _llama_modules(backbone: keras.Model) -> dict[str, Layers]:
-    # Llama, Llama 3, Mistral and Qwen2 decoders name their layers alike.
-    modules = {}
-    for index, decoder in enumerate(backbone.transformer_layers):
-        attention = decoder._self_attention_layer
-        layer = f"model.layers.{index}"
-        modules |= {
-            f"{layer}.self_attn.q_proj": (attention._query_dense,),
-            f"{layer}.self_attn.k_proj": (attention._key_dense,),
-            f"{layer}.self_attn.v_proj": (attention._value_dense,),
-            f"{layer}.self_attn.o_proj": (attention._output_dense,),
-            f"{layer}.mlp.gate_proj": (decoder._feedforward_gate_dense,),
-            f"{layer}.mlp.up_proj": (decoder._feedforward_intermediate_dense,),
-            f"{layer}.mlp.down_proj": (decoder._feedforward_output_dense,),
+    def module_layers(self, backbone: keras.Model) -> dict[str, Layers]:
+        """Every adapted module of `backbone`, `{module name: layers}`."""
+        return {
+            f"{self.block.format(index=index)}.{module}": tuple(
+                functools.reduce(getattr, path.split("."), decoder) for path in paths
+            )
+            for index, decoder in enumerate(backbone.transformer_layers)
+            for module, paths in self.modules.items()
         }
-    return modules
 
 
-def _gemma_modules(backbone: keras.Model) -> dict[str, Layers]:
-    modules = {}
-    for index, decoder in enumerate(backbone.transformer_layers):
-        attention = decoder.attention
-        layer = f"model.layers.{index}"
-        modules |= {
-            f"{layer}.self_attn.q_proj": (attention.query_dense,),
-            f"{layer}.self_attn.k_proj": (attention.key_dense,),
-            f"{layer}.self_attn.v_proj": (attention.value_dense,),
-            f"{layer}.self_attn.o_proj": (attention.output_dense,),
-            f"{layer}.mlp.gate_proj": (decoder.gating_ffw,),
-            f"{layer}.mlp.up_proj": (decoder.gating_ffw_2,),
-            f"{layer}.mlp.down_proj": (decoder.ffw_linear,),
-        }
-    return modules
-
-
-def _gpt2_modules(backbone: keras.Model) -> dict[str, Layers]:
-    modules = {}
-    for index, decoder in enumerate(backbone.transformer_layers):
-        attention = decoder._self_attention_layer
-        layer = f"transformer.h.{index}"
-        modules |= {
-            f"{layer}.attn.c_attn": (
-                attention.query_dense,
-                attention.key_dense,
-                attention.value_dense,
-            ),
-            f"{layer}.attn.c_proj": (attention.output_dense,),
-            f"{layer}.mlp.c_fc": (decoder._feedforward_intermediate_dense,),
-            f"{layer}.mlp.c_proj": (decoder._feedforward_output_dense,),
-        }
-    return modules
-
-
+# Llama, Llama 3, Mistral and Qwen2 decoders name their layers alike.
+_LLAMA = {
+    "self_attn.q_proj": ("_self_attention_layer._query_dense",),
+    "self_attn.k_proj": ("_self_attention_layer._key_dense",),
+    "self_attn.v_proj": ("_self_attention_layer._value_dense",),
+    "self_attn.o_proj": ("_self_attention_layer._output_dense",),
+    "mlp.gate_proj": ("_feedforward_gate_dense",),
+    "mlp.up_proj": ("_feedforward_intermediate_dense",),
+    "mlp.down_proj": ("_feedforward_output_dense",),
+}
+_GEMMA = {
+    "self_attn.q_proj": ("attention.query_dense",),
+    "self_attn.k_proj": ("attention.key_dense",),
+    "self_attn.v_proj": ("attention.value_dense",),
+    "self_attn.o_proj": ("attention.output_dense",),
+    "mlp.gate_proj": ("gating_ffw",),
+    "mlp.up_proj": ("gating_ffw_2",),
+    "mlp.down_proj": ("ffw_linear",),
+}
+_GPT2 = {
+    "attn.c_attn": tuple(
+        f"_self_attention_layer.{name}_dense" for name in ("query", "key", "value")
+    ),
+    "attn.c_proj": ("_self_attention_layer.output_dense",),
+    "mlp.c_fc": ("_feedforward_intermediate_dense",),
+    "mlp.c_proj": ("_feedforward_output_dense",),
+}
 FAMILIES = (
-    Family("Llama (2, 3)", "LlamaBackbone", "model.", False, _llama_modules),
-    Family("Mistral", "MistralBackbone", "model.", False, _llama_modules),
-    Family("Qwen2", "QwenBackbone", "model.", False, _llama_modules),
-    Family("Gemma (1, 2)", "GemmaBackbone", "model.", False, _gemma_modules),
-    Family("GPT-2", "GPT2Backbone", "transformer.", True, _gpt2_modules),
+    Family("Llama (2, 3)", "LlamaBackbone", "model.layers.{index}", _LLAMA),
+    Family("Mistral", "MistralBackbone", "model.layers.{index}", _LLAMA),
+    Family("Qwen2", "QwenBackbone", "model.layers.{index}", _LLAMA),
+    Family("Gemma (1, 2)", "GemmaBackbone", "model.layers.{index}", _GEMMA),
+    Family("GPT-2", "GPT2Backbone", "transformer.h.{index}", _GPT2, True),
 )
 
 
@@ -166,5 +158,5 @@ def module_paths(
             paths[id(site.layer.layer)] = path
     return {
         module: tuple(paths[id(layer)] for layer in layers)
-        for module, layers in family.modules(backbone).items()
+        for module, layers in family.module_layers(backbone).items()
     }

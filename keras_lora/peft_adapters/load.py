@@ -23,8 +23,7 @@ import numpy as np
 from keras_lora.adapters import check_model
 from keras_lora.checkpoint.describe import config_for_layers
 from keras_lora.checkpoint.format import FORMAT_VERSION, adapter_keys, problems_error
-from keras_lora.checkpoint.load import load_into_lora, load_into_plain
-from keras_lora.checkpoint.match import problems
+from keras_lora.checkpoint.load import check_adapter_name, load_document
 from keras_lora.layers.base import LoraLayer
 from keras_lora.layers.registry import wrapper_for
 from keras_lora.layers.settings import AdapterSettings
@@ -80,29 +79,17 @@ def load_peft_adapter(
     """
     check_model(model)
     name = "default" if adapter_name is None else adapter_name
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ValueError(
-            "`adapter_name` must be a non-empty string without '/', or None for "
-            f"'default'. Received: adapter_name={adapter_name!r}"
-        )
+    check_adapter_name(name, adapter_name, "'default'")
     family, backbone = family_of(model)
     config, modules = read_peft_directory(directory)
     sites = walk(model)
     document, tensors, found = _as_keras_lora(
         family, module_paths(family, backbone, sites), sites, config, modules, name
     )
-    if not found:
-        found = problems(model, sites, document, tensors, name)
+    summary = f"Cannot load the peft adapter in {os.fspath(directory)!r}"
     if found:
-        raise problems_error(
-            f"Cannot load the peft adapter in {os.fspath(directory)!r} into "
-            f"model '{model.name}'",
-            found,
-        )
-    lora = {p: s.layer for p, s in sites.items() if isinstance(s.layer, LoraLayer)}
-    if lora:
-        return load_into_lora(model, sites, lora, document, tensors, name)
-    return load_into_plain(model, sites, document, tensors, name)
+        raise problems_error(f"{summary} into model '{model.name}'", found)
+    return load_document(model, sites, document, tensors, name, summary)
 
 
 def _as_keras_lora(family: Family, paths, sites, config, modules, name):
