@@ -386,6 +386,8 @@ def test_save_refuses_what_a_peft_adapter_cannot_hold(tmp_path):
     value.add_adapter("default", rank=2)
     with pytest.raises(ValueError, match="is DoRA on some layers and not on others"):
         keras_lora.save_peft_adapter(model, tmp_path / "a")
+    with pytest.raises(ValueError, match="Received: adapter_name='other'"):
+        keras_lora.save_peft_adapter(model, tmp_path / "a", adapter_name="other")
     with pytest.raises(TypeError, match="base_model_name_or_path=3"):
         keras_lora.save_peft_adapter(model, tmp_path / "a", base_model_name_or_path=3)
     assert not (tmp_path / "a").exists()

@@ -75,7 +75,10 @@ def config_of(
 
 
 def holders(
-    model: keras.Model, sites: Mapping[str, Site], adapter_name: str
+    model: keras.Model,
+    sites: Mapping[str, Site],
+    adapter_name: str,
+    argument: str = "adapter_name",
 ) -> dict[str, LoraLayer]:
     """The LoRA layers of `model` that hold the adapter, by path.
 
@@ -83,6 +86,7 @@ def holders(
         model: a Keras model.
         sites: its `walk()`.
         adapter_name: the adapter.
+        argument: the caller's name for the adapter argument, for the message.
 
     Returns:
         A dict of path to `LoraLayer`, never empty.
@@ -101,7 +105,7 @@ def holders(
         raise ValueError(
             f"No LoRA layer of model '{model.name}' has an adapter named "
             f"{adapter_name!r}. Adapters of the model: {known}. "
-            f"Received: adapter={adapter_name!r}"
+            f"Received: {argument}={adapter_name!r}"
         )
     return found
 

@@ -65,7 +65,7 @@ def save_adapter(
         )
     check_model(model)
     sites = walk(model)
-    layers = holders(model, sites, adapter)
+    layers = holders(model, sites, adapter, argument="adapter")
     config = config_of(model, sites, layers, adapter)
     tensors, records, saved = {}, [], {}
     for path, layer in layers.items():
