@@ -1,6 +1,8 @@
 """Every example runs on its smoke settings and prints sane key numbers."""
 
 import csv
+import importlib.util
+import json
 import os
 import pathlib
 import re
@@ -146,3 +148,31 @@ def test_causal_lm(tmp_path):
     assert re.findall(r"same text: (\w+)", output) == ["True", "True"]
     assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
     assert (tmp_path / "base" / "config.json").is_file()
+
+
+def test_peft_adapters(tmp_path):
+    pytest.importorskip("keras_hub")
+    output = run_example("peft_adapters.py", tmp_path, "--out", str(tmp_path))
+    [loaded] = numbers_after(r"max logit difference vs peft's \(logits.npz\):", output)
+    assert loaded < 1e-4  # peft's own logits for its adapter
+    [(before, after)] = re.findall(r"loss before (\S+), after (\S+)$", output, re.M)
+    assert float(after) < float(before)
+    [reloaded] = numbers_after("max logit difference vs the trained model:", output)
+    assert reloaded < 1e-5
+    adapter_dir = tmp_path / "peft_adapter"
+    assert sorted(path.name for path in adapter_dir.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(
+        ROOT / "tests" / "fixtures" / "hf" / "llama" / "model"
+    )
+    if all(
+        importlib.util.find_spec(name) for name in ("torch", "transformers", "peft")
+    ):
+        [stock] = numbers_after("max logit difference vs Keras:", output)
+        assert stock < 1e-4
+    else:
+        assert "Stock peft check skipped: needs torch, transformers and peft" in output
+    assert "temporary" not in output
