@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Mapping
 
 import keras
@@ -105,6 +106,13 @@ FAMILIES = (
 )
 
 
+def keras_hub_models():
+    """`keras_hub.models` if keras-hub is imported, else `None`; never imports
+    it (importing keras-hub is slow, and a keras-hub model implies it is
+    already imported)."""
+    return getattr(sys.modules.get("keras_hub"), "models", None)
+
+
 def family_of(model: keras.Model) -> tuple[Family, keras.Model]:
     """The family of a keras-hub backbone or task model, and its backbone.
 
@@ -115,19 +123,20 @@ def family_of(model: keras.Model) -> tuple[Family, keras.Model]:
         `(family, backbone)`.
 
     Raises:
-        ValueError: if keras-hub is not installed, or `model` is not a model
-            of a supported family (the message names them).
+        ValueError: if keras-hub is not imported (so `model` cannot be a
+            keras-hub model), or `model` is not a model of a supported family
+            (the message names them).
     """
-    try:
-        import keras_hub
-    except ImportError as error:
+    models = keras_hub_models()
+    if models is None:
         raise ValueError(
-            "peft adapters map onto keras-hub models; install keras-hub "
-            "(`pip install keras-lora[hub]`)"
-        ) from error
+            "peft adapters map onto keras-hub models, and keras-hub is not "
+            "imported: build `model` with keras-hub (`pip install "
+            f"keras-lora[hub]`). Received: model of type {type(model).__name__}"
+        )
     backbone = getattr(model, "backbone", model)
     for family in FAMILIES:
-        if isinstance(backbone, getattr(keras_hub.models, family.backbone)):
+        if isinstance(backbone, getattr(models, family.backbone)):
             return family, backbone
     supported = ", ".join(family.name for family in FAMILIES)
     raise ValueError(

@@ -27,7 +27,11 @@ from keras_lora.freezing import trained_weights
 from keras_lora.layers.base import LoraLayer
 from keras_lora.layers.initialization import original_base_state
 from keras_lora.layers.settings import AdapterSettings, rewrites_kernel
-from keras_lora.peft_adapters.families import family_of, module_paths
+from keras_lora.peft_adapters.families import (
+    family_of,
+    keras_hub_models,
+    module_paths,
+)
 from keras_lora.peft_adapters.files import (
     KEY_PREFIX,
     MAGNITUDE_KEY,
@@ -274,6 +278,4 @@ def _most_common(values):
 
 
 def _task_type(model) -> str | None:
-    import keras_hub
-
-    return "CAUSAL_LM" if isinstance(model, keras_hub.models.CausalLM) else None
+    return "CAUSAL_LM" if isinstance(model, keras_hub_models().CausalLM) else None
