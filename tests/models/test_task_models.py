@@ -419,8 +419,10 @@ def test_token_embedding_adapter_decodes_as_merged_and_reloaded(task, tmp_path):
     np.testing.assert_allclose(logits(loaded, x), expected_logits, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(generate(loaded), expected_tokens)
     merged = keras_lora.merge_and_unload(lora_model)
-    # Merged: the same sums in another order; the logits reach a few hundred.
-    np.testing.assert_allclose(logits(merged, x), expected_logits, rtol=1e-6, atol=1e-5)
+    # Merged: the same sums in another order, so each logit may move by a few
+    # float32 steps of the largest one (a few hundred), not of its own size.
+    atol = 1e-6 * np.abs(expected_logits).max()
+    np.testing.assert_allclose(logits(merged, x), expected_logits, rtol=0, atol=atol)
     np.testing.assert_array_equal(generate(merged), expected_tokens)
 
 
