@@ -5,6 +5,7 @@ python -m benchmarks --quick              # fewer rounds
 python -m benchmarks --workloads dense,conv --json results.json
 python -m benchmarks --workloads causal_lm  # keras-hub Gemma (needs keras-hub)
 python -m benchmarks --quick --tiny       # tiny shapes: checks it runs
+python -m benchmarks.peft_comparison      # keras_lora vs peft, same Llama weights
 """
 
 from __future__ import annotations

@@ -103,3 +103,42 @@ def test_causal_lm_lora_setups_train_the_same_layers():
             "decoder_block_0/attention/query",
             "decoder_block_0/attention/value",
         ], setup
+
+
+# Checked by name, not imported: importing peft here would load torch into
+# this TensorFlow test process (8 s) for nothing; the run's children import it.
+PEFT = all(importlib.util.find_spec(name) for name in ("torch", "transformers", "peft"))
+
+
+@tensorflow_benchmarks
+@pytest.mark.skipif(not HUB, reason="the peft comparison needs keras-hub")
+@pytest.mark.skipif(not PEFT, reason="the peft comparison needs torch and peft")
+def test_peft_comparison_tiny_run_reports_every_setup(tmp_path):
+    results = tmp_path / "results.json"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = ["-m", "benchmarks.peft_comparison", "--tiny", "--json", results]
+    run = subprocess.run(
+        [sys.executable, *command],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(results.read_text())["rows"]
+    expected = ["peft", "tf", "tf-xla", "keras-xla", "torch"]
+    if importlib.util.find_spec("jax"):
+        expected.insert(4, "jax")
+    assert [row["name"] for row in rows] == expected
+    # 1 layer x (query, value) x rank 8 x (32 in + 32 out), as peft; Keras'
+    # own LoRA factorises per output axis: A (32, 4, 8) and B (8, 8) per layer.
+    assert {row["name"]: row["trainable"] for row in rows} == {
+        name: 2176 if name == "keras-xla" else 1024 for name in expected
+    }
+    for row in rows:
+        assert np.isfinite(row["ratio"]) and row["ratio"] > 0, row
+        assert np.isfinite(row["ms"]) and row["ms"] > 0, row
+        assert re.search(rf"^{row['name']} +\d+\.\d +\d\.\d+ ", run.stdout, re.M)
+    assert [row["name"] for row in rows if row["default"]] == ["tf-xla"]
+    assert rows[expected.index("tf-xla")]["passed"] in (True, False)
