@@ -21,22 +21,13 @@ WORKLOADS = ("dense", "conv", "embedding", "attention")
 SETUPS = ("full", "builtin", "keras_lora")
 
 
-@tensorflow_benchmarks
-def test_quick_tiny_run_reports_every_row(tmp_path):
+def run_benchmark(tmp_path, module, *arguments):
+    """Runs `python -m module *arguments --json ...` on the TensorFlow backend;
+    returns the finished process and the rows it wrote."""
     results = tmp_path / "results.json"
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--tiny",
-            "--workloads",
-            ",".join(WORKLOADS),
-            "--json",
-            results,
-        ],
+        [sys.executable, "-m", module, *arguments, "--json", results],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -44,7 +35,15 @@ def test_quick_tiny_run_reports_every_row(tmp_path):
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(results.read_text())["rows"]
+    return run, json.loads(results.read_text())["rows"]
+
+
+@tensorflow_benchmarks
+def test_quick_tiny_run_reports_every_row(tmp_path):
+    workloads = ",".join(WORKLOADS)
+    run, rows = run_benchmark(
+        tmp_path, "benchmarks", "--quick", "--tiny", "--workloads", workloads
+    )
     reported = {(row["section"], row["workload"], row["variant"]) for row in rows}
     expected = {
         (section, workload, setup)
@@ -114,19 +113,7 @@ PEFT = all(importlib.util.find_spec(name) for name in ("torch", "transformers", 
 @pytest.mark.skipif(not HUB, reason="the peft comparison needs keras-hub")
 @pytest.mark.skipif(not PEFT, reason="the peft comparison needs torch and peft")
 def test_peft_comparison_tiny_run_reports_every_setup(tmp_path):
-    results = tmp_path / "results.json"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    command = ["-m", "benchmarks.peft_comparison", "--tiny", "--json", results]
-    run = subprocess.run(
-        [sys.executable, *command],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(results.read_text())["rows"]
+    run, rows = run_benchmark(tmp_path, "benchmarks.peft_comparison", "--tiny")
     expected = ["peft", "tf", "tf-xla", "keras-xla", "torch"]
     if importlib.util.find_spec("jax"):
         expected.insert(4, "jax")
