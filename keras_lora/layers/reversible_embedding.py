@@ -4,11 +4,11 @@ projection (`keras.layers.ReversibleEmbedding`, keras-hub's token embedding)."""
 from __future__ import annotations
 
 import contextlib
-import sys
 
 import keras
 from keras import ops
 
+from keras_lora.hub_lookup import imported_keras_hub
 from keras_lora.layers.adapter_routing import routing_for_call
 from keras_lora.layers.base import LoraLayer
 from keras_lora.layers.embedding import LoraEmbedding
@@ -199,7 +199,7 @@ class LoraReversibleEmbedding(LoraEmbedding):
 def keras_hub_reversible_embedding() -> type | None:
     """keras-hub's `ReversibleEmbedding` class if `keras_hub` is imported,
     else `None`; never imports it (importing keras-hub is slow)."""
-    layers = getattr(sys.modules.get("keras_hub"), "layers", None)
+    layers = imported_keras_hub("layers")
     cls = getattr(layers, "ReversibleEmbedding", None)
     if isinstance(cls, type) and issubclass(cls, keras.layers.Embedding):
         return cls

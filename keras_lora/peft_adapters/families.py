@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from collections.abc import Mapping
 
 import keras
 
+from keras_lora.hub_lookup import imported_keras_hub
 from keras_lora.layers.base import LoraLayer
 from keras_lora.tree.walk import Site
 
@@ -106,13 +106,6 @@ FAMILIES = (
 )
 
 
-def keras_hub_models():
-    """`keras_hub.models` if keras-hub is imported, else `None`; never imports
-    it (importing keras-hub is slow, and a keras-hub model implies it is
-    already imported)."""
-    return getattr(sys.modules.get("keras_hub"), "models", None)
-
-
 def family_of(model: keras.Model) -> tuple[Family, keras.Model]:
     """The family of a keras-hub backbone or task model, and its backbone.
 
@@ -127,7 +120,7 @@ def family_of(model: keras.Model) -> tuple[Family, keras.Model]:
             keras-hub model), or `model` is not a model of a supported family
             (the message names them).
     """
-    models = keras_hub_models()
+    models = imported_keras_hub("models")
     if models is None:
         raise ValueError(
             "peft adapters map onto keras-hub models, and keras-hub is not "

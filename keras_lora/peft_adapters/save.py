@@ -24,14 +24,11 @@ from keras import ops
 from keras_lora.adapters import check_model
 from keras_lora.checkpoint.describe import config_of, holders
 from keras_lora.freezing import trained_weights
+from keras_lora.hub_lookup import imported_keras_hub
 from keras_lora.layers.base import LoraLayer
 from keras_lora.layers.initialization import original_base_state
 from keras_lora.layers.settings import AdapterSettings, rewrites_kernel
-from keras_lora.peft_adapters.families import (
-    family_of,
-    keras_hub_models,
-    module_paths,
-)
+from keras_lora.peft_adapters.families import family_of, module_paths
 from keras_lora.peft_adapters.files import (
     KEY_PREFIX,
     MAGNITUDE_KEY,
@@ -278,4 +275,5 @@ def _most_common(values):
 
 
 def _task_type(model) -> str | None:
-    return "CAUSAL_LM" if isinstance(model, keras_hub_models().CausalLM) else None
+    task_class = imported_keras_hub("models").CausalLM
+    return "CAUSAL_LM" if isinstance(model, task_class) else None
